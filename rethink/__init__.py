@@ -1,0 +1,3 @@
+"""rethink: config-driven experiments with EfficientNet and EfficientNetV2."""
+
+__version__ = "0.1.0"

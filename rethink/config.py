@@ -1,0 +1,257 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` puts `rethink_schema` first in its defaults list, so every YAML file and every
+command-line override is merged into these dataclasses: a wrong key, a wrong type or an unknown
+enum value (say `model.stages.1.block=fusd`) fails while the config is composed, before any task runs.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import MISSING, DictConfig
+
+
+class Task(Enum):
+    train = "train"
+    eval = "eval"
+    predict = "predict"
+    export = "export"
+    summary = "summary"
+    benchmark = "benchmark"
+
+
+class Block(Enum):
+    mbconv = "mbconv"
+    fused = "fused"
+
+
+class DropPathSchedule(Enum):
+    linear = "linear"  # rate * i / N over the global block index (torchvision, timm, the papers)
+    uniform = "uniform"  # the same rate for every block
+
+
+class Freeze(Enum):
+    none = "none"
+    backbone = "backbone"  # train the classifier only; frozen BatchNorm layers stay in eval mode
+
+
+class Dataset(Enum):
+    flowers = "flowers"
+    folder = "folder"
+    synthetic = "synthetic"
+    flowers102 = "flowers102"
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
+
+
+class Augment(Enum):
+    none = "none"
+    flip_crop = "flip_crop"
+    randaugment = "randaugment"
+    trivialaugment = "trivialaugment"
+
+
+class Amp(Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    off = "off"
+
+
+class OptimizerName(Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+    rmsprop_tf = "rmsprop_tf"
+
+
+class SchedulerName(Enum):
+    cosine = "cosine"  # per step, after a linear warmup
+    study_cosine = "study_cosine"  # the seed project's per-epoch cosine to lr * min_lr_ratio
+    step = "step"  # the papers' decay: decay_rate every decay_epochs
+    constant = "constant"
+
+
+class Split(Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+@dataclass
+class StageConfig:
+    block: Block = Block.mbconv
+    expand: float = 1.0
+    kernel: int = 3
+    stride: int = 1
+    out: int = MISSING
+    repeats: int = 1
+    # Squeeze-excite width as a fraction of the block's input channels; null takes the block type's
+    # default (0.25 for mbconv, none for fused), so flipping a stage to fused drops its SE unless asked.
+    se: Optional[float] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    width: float = 1.0
+    depth: float = 1.0
+    stem: int = 32
+    head: int = 1280
+    train_size: int = 224
+    eval_size: int = 224
+    dropout: float = 0.2
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    drop_path_rate: float = 0.2
+    drop_path_schedule: DropPathSchedule = DropPathSchedule.linear
+    pretrained: Any = False  # false | true (torchvision's ImageNet weights) | path to a state_dict file
+    freeze: Freeze = Freeze.none
+    torchvision_weights: Optional[str] = None  # the weights enum behind `pretrained: true`
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    stages: List[StageConfig] = MISSING
+
+
+@dataclass
+class DataConfig:
+    name: Dataset = Dataset.flowers
+    root: Optional[str] = None  # null: $RETHINK_DATA, else ~/.cache/rethink/data
+    batch_size: int = 16
+    num_workers: Optional[int] = None  # null: min(8, CPUs available)
+    split: List[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # train/val/test
+    split_seed: int = 0
+    augment: Augment = Augment.flip_crop
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    crop_pct: float = 0.875  # eval: resize to eval_size / crop_pct, then centre-crop eval_size
+    cache: bool = True
+    cache_dir: Optional[str] = None  # null: $RETHINK_CACHE, else ~/.cache/rethink/images
+    # data=synthetic only
+    num_classes: int = 4
+    images_per_class: int = 120
+    image_size: int = 64
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.sgd
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    alpha: float = 0.9  # rmsprop_tf: decay of the squared-gradient average
+    eps: float = 1e-8
+    decay_norm_and_bias: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.cosine
+    warmup_epochs: float = 1.0
+    warmup_start_ratio: float = 0.01
+    min_lr_ratio: float = 0.01
+    decay_rate: float = 0.97
+    decay_epochs: float = 2.4
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Amp = Amp.auto
+    channels_last: bool = True
+    compile: bool = False
+    cudnn_benchmark: bool = True
+    deterministic: bool = False
+    grad_clip: Optional[float] = None  # max global gradient norm
+    label_smoothing: float = 0.1
+    ema: bool = False
+    ema_decay: float = 0.999
+    limit_train_batches: Optional[int] = None
+    limit_val_batches: Optional[int] = None
+    log_every_n_steps: int = 20
+    progress: Optional[bool] = None  # null: a progress bar only when stdout is a terminal
+    image_grid: bool = True  # log one grid of augmented training images
+
+
+@dataclass
+class EvalConfig:
+    split: Split = Split.test
+    ema: bool = True  # use the checkpoint's EMA weights when it has them
+
+
+@dataclass
+class PredictConfig:
+    topk: int = 5
+    grid: bool = False
+    batch_size: int = 32
+
+
+@dataclass
+class ExportConfig:
+    onnx: bool = True  # also write model.onnx when the `onnx` extra is installed
+    batch_size: int = 2
+    atol: float = 1e-4
+
+
+@dataclass
+class SummaryConfig:
+    num_classes: int = 1000  # the ImageNet head, as the papers and torchvision count parameters
+
+
+@dataclass
+class BenchmarkConfig:
+    images: int = 256  # samples timed per pipeline
+    warmup: int = 16
+    threads: int = 1  # per-core figures: one thread, no workers
+
+
+@dataclass
+class RethinkConfig:
+    task: Task = Task.train
+    seed: int = 0
+    resume: Optional[str] = None  # a run directory to continue
+    ckpt: Optional[str] = None  # a checkpoint for eval / predict / export
+    inputs: Optional[str] = None  # an image, a folder or a glob for predict
+    model: ModelConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    summary: SummaryConfig = field(default_factory=SummaryConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+
+
+def register_configs() -> None:
+    """Make the schema available to conf/config.yaml's defaults list (run.py calls this first)."""
+    ConfigStore.instance().store(name="rethink_schema", node=RethinkConfig)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `python run.py OVERRIDES...` would run with (without its `hydra` node), for notebooks,
+    tests and tasks. Safe to call inside a running Hydra app: the app's global state is put back after."""
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise FileNotFoundError(f"{CONF_DIR} holds no config.yaml; install rethink from its repository (pip install -e .)")
+    register_configs()
+    global_hydra = GlobalHydra.instance()
+    running = global_hydra.hydra
+    global_hydra.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+        if running is not None:
+            GlobalHydra.instance().initialize(running)

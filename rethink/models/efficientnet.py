@@ -1,0 +1,89 @@
+"""EfficientNet assembled from a decoded NetworkSpec: stem, stages of blocks, head, classifier."""
+
+import math
+
+from torch import nn
+
+from .blocks import BLOCKS, ConvBNAct
+from .spec import NetworkSpec
+
+
+class EfficientNet(nn.Module):
+    def __init__(self, spec: NetworkSpec, num_classes: int = 1000):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        self.spec = spec
+        bn = dict(bn_eps=spec.bn_eps, bn_momentum=spec.bn_momentum)
+        self.stem = ConvBNAct(3, spec.stem, 3, stride=2, **bn)
+        stages, in_channels = [], spec.stem
+        for stage, rates in zip(spec.stages, spec.drop_path):
+            blocks = []
+            for i, rate in enumerate(rates):
+                blocks.append(
+                    BLOCKS[stage.block](
+                        in_channels,
+                        stage.out,
+                        expand_ratio=stage.expand,
+                        kernel_size=stage.kernel,
+                        stride=stage.stride if i == 0 else 1,
+                        se_ratio=stage.se,
+                        drop_path=rate,
+                        **bn,
+                    )
+                )
+                in_channels = stage.out
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.head = ConvBNAct(in_channels, spec.head, 1, **bn)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(spec.dropout)
+        self.classifier = nn.Linear(spec.head, num_classes)
+        self.backbone_frozen = False
+        self._init_weights()
+
+    def _init_weights(self):
+        # torchvision's initialisation, so that both libraries start from the same distribution
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.out_features)
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_features
+
+    def backbone(self) -> list[nn.Module]:
+        return [self.stem, self.stages, self.head]
+
+    def freeze_backbone(self) -> None:
+        """Train the classifier only: backbone parameters stop learning and its BatchNorm layers keep
+        their running statistics (they stay in eval mode even under model.train())."""
+        for part in self.backbone():
+            part.requires_grad_(False)
+        self.backbone_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone_frozen:
+            for part in self.backbone():
+                part.eval()
+        return self
+
+    def forward_features(self, x):
+        return self.head(self.stages(self.stem(x)))
+
+    def forward_head(self, features):
+        return self.classifier(self.dropout(self.pool(features).flatten(1)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,2 @@
+"""placeholder"""
+def benchmark(cfg, run_dir): raise NotImplementedError

@@ -1,0 +1,2 @@
+"""placeholder"""
+def evaluate(cfg, run_dir): raise NotImplementedError

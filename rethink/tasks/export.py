@@ -1,0 +1,2 @@
+"""placeholder"""
+def export(cfg, run_dir): raise NotImplementedError

@@ -1,0 +1,2 @@
+"""placeholder"""
+def predict(cfg, run_dir): raise NotImplementedError

@@ -1,0 +1,2 @@
+"""placeholder"""
+def train(cfg, run_dir): raise NotImplementedError
