@@ -5,6 +5,7 @@ command-line override is merged into these dataclasses: a wrong key, a wrong typ
 enum value (say `model.stages.1.block=fusd`) fails while the config is composed, before any task runs.
 """
 
+import copy
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Any, List, Optional, Sequence
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import UserError
 
 
 class Task(Enum):
@@ -231,9 +234,45 @@ class RethinkConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
+def plain(node: Any) -> Any:
+    """A config node as plain Python (dicts, lists, enum values as strings), for code below the tasks."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
+
+
+def config_from_checkpoint(saved: dict) -> DictConfig:
+    """A saved run's config (plain dict) as a typed config again."""
+    return OmegaConf.merge(OmegaConf.structured(RethinkConfig), saved)
+
+
+def apply_overrides(base: DictConfig, current: DictConfig, overrides: Sequence[str], skip: Sequence[str] = ()) -> tuple[DictConfig, list[str]]:
+    """`base` (a saved run's config) with every key the command line set taken from `current` (the
+    config Hydra composed from that command line). A group choice (`data=folder`) takes the whole
+    group. Returns the new config and the keys it took."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    merged = copy.deepcopy(base)
+    taken = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key.startswith("hydra") or key in skip:
+            continue
+        if key == "experiment":
+            raise UserError("experiment= cannot be applied to a saved run; set the keys you need one by one")
+        key = "model.stages" if key == "stages" else key
+        OmegaConf.update(merged, key, OmegaConf.select(current, key), merge=False)
+        taken.append(key)
+    return merged, taken
+
+
 def register_configs() -> None:
-    """Make the schema available to conf/config.yaml's defaults list (run.py calls this first)."""
+    """Make the schema and the resolvers available to conf/config.yaml (run.py calls this first)."""
     ConfigStore.instance().store(name="rethink_schema", node=RethinkConfig)
+    # ${rethink.if_null:X,A,B}: A when X is null, else B (a resumed run keeps its own directory)
+    OmegaConf.register_new_resolver("rethink.if_null", lambda x, a, b: a if x is None else b, replace=True)
+    # ${rethink.value:${task}}: an enum key as its plain value ("train", not "Task.train")
+    OmegaConf.register_new_resolver("rethink.value", lambda x: getattr(x, "value", x), replace=True)
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

@@ -2,6 +2,7 @@
 
 from typing import Any, Mapping, Sequence
 
+from ..config import compose_config, plain
 from ..errors import UserError
 from .efficientnet import EfficientNet
 from .pretrained import LoadReport, load_torchvision_weights
@@ -13,7 +14,7 @@ __all__ = ["EfficientNet", "LoadReport", "NetworkSpec", "build_model", "create_m
 def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> EfficientNet:
     """The network a `model` config node describes (weights initialised, not pretrained)."""
     try:
-        spec = network_spec(model_cfg)
+        spec = network_spec(plain(model_cfg))
     except SpecError as e:
         raise UserError(str(e)) from None
     return EfficientNet(spec, num_classes=num_classes)
@@ -22,7 +23,5 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> EfficientNet:
 def create_model(name: str, num_classes: int = 1000, overrides: Sequence[str] = ()) -> EfficientNet:
     """`create_model("v2_l", 5, ["model.stages.3.block=fused"])`: compose conf/ exactly as
     `python run.py model=v2_l model.stages.3.block=fused` would, and build that model."""
-    from ..config import compose_config
-
     cfg = compose_config([f"model={name}", *overrides])
     return build_model(cfg.model, num_classes)

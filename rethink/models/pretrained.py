@@ -7,12 +7,18 @@ tensor maps) and a changed one (what still fits loads, the rest stays at its ini
 listed in the report).
 """
 
+import os
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from pathlib import Path
+from typing import Any, Mapping, Optional
+from urllib.error import URLError
 
 import torch
+import torchvision
 from torch import nn
+
+from ..errors import UserError
 
 _BLOCK_KEY = re.compile(r"features\.(\d+)\.(\d+)\.block\.(\d+)\.(.+)")
 _CONV_BN = {"0": "conv", "1": "bn"}
@@ -107,12 +113,21 @@ def torchvision_key(key: str, num_stages: int, roles: Mapping[tuple[int, int], M
 def load_torchvision_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
     """Copy a torchvision EfficientNet state_dict into `model` (ours, any layout): every tensor whose
     name and shape fit is loaded; the report lists what was skipped and why."""
-    ours = model.state_dict()
     roles = torchvision_block_roles(state_dict)
     num_stages = len(model.stages)
+    return _load(model, ((torchvision_key(k, num_stages, roles), k, t) for k, t in state_dict.items()))
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    """Like load_torchvision_weights, for a state_dict in our own names (another rethink model)."""
+    return _load(model, ((k, k, t) for k, t in state_dict.items()))
+
+
+def _load(model: nn.Module, mapped) -> LoadReport:
+    """mapped: (our key or None, source key, tensor) triples."""
+    ours = model.state_dict()
     report, update, seen = LoadReport(), {}, set()
-    for key, tensor in state_dict.items():
-        target = torchvision_key(key, num_stages, roles)
+    for target, key, tensor in mapped:
         if target is None or target not in ours:
             report.unused.append(key)
             continue
@@ -125,6 +140,55 @@ def load_torchvision_weights(model: nn.Module, state_dict: Mapping[str, torch.Te
     report.missing = [k for k in ours if k not in seen]
     model.load_state_dict({**ours, **update})
     return report
+
+
+def fetch_torchvision_weights(name: str) -> tuple[dict, list[float], list[float]]:
+    """torchvision's weights `name` (e.g. EfficientNet_B0_Weights.IMAGENET1K_V1) from the torch hub
+    cache, downloaded and hash-checked there on first use; with their normalisation mean and std."""
+    try:
+        weights = torchvision.models.get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"model.torchvision_weights={name}: not a torchvision weights name (e.g. EfficientNet_B0_Weights.IMAGENET1K_V1)") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    hint = f"copy {cached.name} into {cached.parent}, or pass model.pretrained=PATH to a state_dict file"
+    if not cached.is_file() and os.environ.get("RETHINK_NO_DOWNLOAD") == "1":
+        raise UserError(f"model.pretrained=true: {name} is not in the torch hub cache and downloads are off (RETHINK_NO_DOWNLOAD=1); {hint}")
+    try:
+        state_dict = weights.get_state_dict(progress=True, check_hash=True)
+    except (URLError, OSError, RuntimeError) as e:
+        reason = str(getattr(e, "reason", e)).splitlines()[0][:120]
+        raise UserError(f"model.pretrained=true: could not fetch {name} ({reason}); offline, {hint}") from None
+    preset = weights.transforms()
+    return state_dict, list(preset.mean), list(preset.std)
+
+
+def load_pretrained(model: nn.Module, pretrained: Any, torchvision_weights: Optional[str]) -> tuple[LoadReport, Optional[tuple]]:
+    """`model.pretrained`: true (torchvision's ImageNet weights for this model) or a path to a state_dict
+    file (torchvision's names or ours, or a rethink checkpoint). Returns the load report and, for
+    torchvision's weights, their (mean, std)."""
+    if pretrained is True or str(pretrained).lower() == "true":
+        if not torchvision_weights:
+            raise UserError("model.pretrained=true: this model config names no model.torchvision_weights; pass model.pretrained=PATH")
+        state_dict, mean, std = fetch_torchvision_weights(torchvision_weights)
+        return load_torchvision_weights(model, state_dict), (mean, std)
+    path = Path(str(pretrained)).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.pretrained={pretrained}: no such file; use false, true (torchvision's ImageNet weights) or a path to a state_dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"model.pretrained={path}: not a readable state_dict ({reason})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a rethink checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"model.pretrained={path}: holds no state_dict (a mapping of names to tensors)")
+    if any(k.startswith("features.") for k in state):
+        return load_torchvision_weights(model, state), None
+    report = load_weights(model, state)
+    if not report.loaded:
+        raise UserError(f"model.pretrained={path}: none of its {len(state)} tensors fit this model")
+    return report, None
 
 
 def _shape(shape: tuple) -> str:

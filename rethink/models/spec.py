@@ -9,7 +9,6 @@ and one drop-path probability per block.
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Iterable, Mapping
 
 BLOCK_TYPES = ("mbconv", "fused")
@@ -84,7 +83,7 @@ def drop_path_rates(num_blocks: int, rate: float, schedule: str) -> list[float]:
 def decode_stage(index: int, row: Mapping[str, Any]) -> StageSpec:
     """One stage row of the config, checked; `se: null` takes the block type's default."""
     key = f"model.stages.{index}"
-    block = _plain(row.get("block", "mbconv"))
+    block = row.get("block", "mbconv")
     if block not in BLOCK_TYPES:
         raise SpecError(f"{key}.block: '{block}' is not a block type; use one of {', '.join(BLOCK_TYPES)}")
     se = row.get("se")
@@ -140,7 +139,7 @@ def network_spec(model: Mapping[str, Any]) -> NetworkSpec:
     if not 0 <= rate < 1:
         raise SpecError(f"model.drop_path_rate: {rate:g} must be in [0, 1)")
     stages = tuple(scale_stage(s, width, depth) for s in decode_stages(model["stages"]))
-    rates = drop_path_rates(sum(s.repeats for s in stages), rate, _plain(model.get("drop_path_schedule", "linear")))
+    rates = drop_path_rates(sum(s.repeats for s in stages), rate, model.get("drop_path_schedule", "linear"))
     per_stage, start = [], 0
     for stage in stages:
         per_stage.append(tuple(rates[start : start + stage.repeats]))
@@ -154,8 +153,3 @@ def network_spec(model: Mapping[str, Any]) -> NetworkSpec:
         bn_momentum=float(model.get("bn_momentum", 0.1)),
         drop_path=tuple(per_stage),
     )
-
-
-def _plain(value: Any) -> Any:
-    """Enum members (as OmegaConf's typed configs hold them) as their plain values."""
-    return value.value if isinstance(value, Enum) else value

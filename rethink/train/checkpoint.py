@@ -1,0 +1,74 @@
+"""Checkpoints: written atomically, read with weights_only=True, checked before use.
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts), so `torch.load(weights_only=True)`
+reads it and a file from an untrusted source cannot run code:
+    format, version, model, ema (or None), optimizer, scheduler, scaler (or None),
+    epoch (completed epochs), batches_done (in the next epoch, after an interrupt), global_step,
+    best_val_acc, best_epoch, history, config (the resolved run config), classes.
+"""
+
+import os
+import shutil
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+FORMAT = "rethink-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write to a temporary file in the same directory, then rename over `path`: a crash or kill
+    leaves either the old checkpoint or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """dst becomes the same file as src (a hard link where the file system allows, else a copy),
+    atomically."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_checkpoint(path: Any, key: str = "ckpt") -> dict:
+    """A checkpoint written by save_checkpoint; anything else (missing, truncated, foreign) is a
+    UserError naming `key` and the file."""
+    path = Path(str(path)).expanduser()
+    if path.is_dir():
+        candidate = path / "checkpoints" / "best.pt"
+        if not candidate.is_file():
+            raise UserError(f"{key}={path}: a directory without checkpoints/best.pt; pass a .pt file")
+        path = candidate
+    if not path.is_file():
+        raise UserError(f"{key}={path}: no such file; pass a checkpoint such as <run dir>/checkpoints/best.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"{key}={path}: not a readable checkpoint (truncated, or not saved by rethink): {reason}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{key}={path}: not a rethink checkpoint (no '{FORMAT}' marker); task=eval/predict/export need a checkpoint written by task=train")
+    if state.get("version", 0) > VERSION:
+        raise UserError(f"{key}={path}: checkpoint version {state['version']} is newer than this rethink ({VERSION}); upgrade rethink")
+    return state

@@ -1,0 +1,211 @@
+"""The training step, one epoch of training, and evaluation."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..data.transforms import normalize
+from .metrics import confusion_matrix
+from .runtime import Precision
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Inputs:
+    """Turns a loader's uint8 batch into the model's input: on the device, normalised, in the
+    model's memory format."""
+
+    device: torch.device
+    mean: tuple
+    std: tuple
+    channels_last: bool
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = normalize(images.to(self.device, non_blocking=True), self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+@dataclass
+class Learner:
+    """Everything one optimizer step needs."""
+
+    model: nn.Module  # the module that runs forward: the model itself, or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    inputs: Inputs
+    precision: Precision
+    scaler: Optional[torch.amp.GradScaler] = None
+    ema: Optional[torch.optim.swa_utils.AveragedModel] = None
+    mixer: Optional[Callable] = None  # mixup / cutmix on the device
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the loss and the number of correct top-1 predictions, both
+        still on the device (reading them would synchronise)."""
+        x = self.inputs(images)
+        labels = labels.to(x.device, non_blocking=True)
+        targets = labels
+        if self.mixer is not None:
+            x, targets = self.mixer(x, labels)
+        with self.precision.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        correct = (logits.detach().argmax(1) == labels).sum()
+        return loss.detach(), correct
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one training epoch; kept in an interrupt checkpoint so a resumed epoch
+    reports over all of its batches."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    images: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    interrupted: bool = field(default=False, compare=False)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.images)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(1, self.images)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_epoch(
+    learner: Learner,
+    batches: Iterable,
+    num_batches: int,
+    totals: EpochTotals,
+    *,
+    log_every: int = 20,
+    progress: bool = False,
+    description: str = "",
+    should_stop: Callable[[], bool] = lambda: False,
+) -> EpochTotals:
+    """Train on `batches` (at most `num_batches - totals.batches` of them), adding to `totals`.
+    Returns early, with `interrupted` set, when `should_stop()` turns true between steps.
+    Raises NonFiniteLoss when the loss stops being finite (with a gradient scaler: for a whole
+    window of steps, since fp16 overflows are skipped by the scaler and are not divergence)."""
+    learner.model.train()
+    device = learner.inputs.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    nonfinite = torch.zeros((), device=device, dtype=torch.int64)
+    images, window_start, start = 0, totals.batches, time.perf_counter()
+    bar = tqdm(total=num_batches, initial=totals.batches, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    try:
+        for images_u8, labels in batches:
+            if totals.batches >= num_batches:
+                break
+            if should_stop():
+                totals.interrupted = True
+                break
+            loss, hits = learner.step(images_u8, labels)
+            n = labels.shape[0]
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0).double() * n
+            nonfinite += (~finite).long()
+            correct += hits
+            images += n
+            totals.batches += 1
+            bar.update()
+            if totals.batches % log_every == 0 or totals.batches == num_batches:
+                _check_finite(nonfinite, totals.batches - window_start, learner.scaler is not None, totals.batches)
+                nonfinite.zero_()
+                window_start = totals.batches
+                elapsed = totals.seconds + time.perf_counter() - start
+                seen = totals.images + images
+                bar.set_postfix(
+                    loss=f"{(totals.loss_sum + loss_sum.item()) / seen:.4f}",
+                    acc=f"{(totals.correct + correct.item()) / seen:.3f}",
+                    img_s=f"{seen / elapsed:.0f}",
+                )
+        _check_finite(nonfinite, totals.batches - window_start, learner.scaler is not None, totals.batches)
+    finally:
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    totals.seconds += time.perf_counter() - start
+    totals.loss_sum += loss_sum.item()
+    totals.correct += int(correct.item())
+    totals.images += images
+    return totals
+
+
+def _check_finite(nonfinite: torch.Tensor, window: int, scaled: bool, batch: int) -> None:
+    count = int(nonfinite.item())
+    if count and (not scaled or count >= window):
+        raise NonFiniteLoss(f"the training loss became non-finite (nan or inf) at batch {batch} of the epoch")
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    acc: float
+    images: int
+    confusion: torch.Tensor  # counts[true, predicted]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    inputs: Inputs,
+    precision: Precision,
+    num_classes: int,
+    limit: Optional[int] = None,
+) -> Evaluation:
+    """Loss (plain cross entropy, no smoothing), top-1 accuracy and the confusion matrix."""
+    model.eval()
+    loss_sum = torch.zeros((), device=inputs.device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=inputs.device)
+    for i, (images_u8, labels) in enumerate(batches):
+        if limit is not None and i >= limit:
+            break
+        x = inputs(images_u8)
+        labels = labels.to(x.device, non_blocking=True)
+        with precision.autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        confusion += confusion_matrix(logits.argmax(1), labels, num_classes)
+    confusion = confusion.cpu()
+    images = int(confusion.sum())
+    return Evaluation(
+        loss=loss_sum.item() / max(1, images),
+        acc=confusion.diag().sum().item() / max(1, images),
+        images=images,
+        confusion=confusion,
+    )

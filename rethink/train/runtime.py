@@ -1,0 +1,92 @@
+"""Where and how a run computes: device, mixed precision, seeding, determinism, memory."""
+
+import os
+import random
+import resource
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"trainer.device={name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.device={name}: no CUDA device is available here; use trainer.device=auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"trainer.device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise UserError(f"trainer.device={name}: unsupported device type; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: torch.dtype | None  # None: full fp32
+    device_type: str
+
+    @property
+    def name(self) -> str:
+        return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """`auto`: bf16 on a GPU that supports it, fp16 (with a gradient scaler) on one that doesn't,
+    full precision on the CPU."""
+    if amp == "off":
+        return Precision(None, device.type)
+    if device.type != "cuda":
+        if amp == "auto":
+            return Precision(None, device.type)
+        if amp == "fp16":
+            raise UserError("trainer.amp=fp16 needs a CUDA device; on the CPU use trainer.amp=bf16 or off")
+        return Precision(torch.bfloat16, device.type)
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError("trainer.amp=bf16: this GPU does not support bfloat16; use trainer.amp=fp16 or auto")
+    return Precision(torch.bfloat16 if amp == "bf16" else torch.float16, device.type)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); with `deterministic`, also ask torch and cuDNN for
+    deterministic algorithms (slower; ops without one warn)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def reset_memory_stats(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors on CUDA; the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,58 @@
+"""TensorBoard: one writer per run directory, an HPARAMS session per run, and clean resumes.
+
+`SummaryWriter.add_hparams` writes into a new sub-run, which splits a run in two and breaks the
+comparison across a sweep; we write the session's start and end summaries into the run's own
+events instead. TensorBoard then infers the HPARAMS table (hyperparameters from the session starts,
+metrics from the scalar tags) across every run under `--logdir outputs`.
+"""
+
+from pathlib import Path
+from typing import Mapping
+
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto import event_pb2
+from tensorboard.plugins.hparams import api_pb2
+from tensorboard.plugins.hparams import summary as hparams_summary
+from tensorboard.summary.writer.record_writer import RecordWriter
+from torch.utils.tensorboard import SummaryWriter
+
+
+def open_writer(run_dir: Path, resume_step: int | None = None) -> SummaryWriter:
+    """A writer for `run_dir`. When resuming after epoch `resume_step`, events logged after that
+    step (an epoch that was logged but not checkpointed before a crash) are dropped first, so the
+    continued run has exactly one point per step."""
+    if resume_step is not None:
+        truncate_events(run_dir, resume_step)
+    return SummaryWriter(log_dir=str(run_dir), flush_secs=3600)  # we flush at the end of every epoch
+
+
+def truncate_events(run_dir: Path, last_step: int) -> int:
+    """Rewrite the run's event files without events whose step is beyond `last_step` (and without a
+    record cut short by a hard kill). Returns how many events were dropped."""
+    dropped = 0
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        kept, total = [], 0
+        for record in RawEventFileLoader(str(path)).Load():
+            total += 1
+            if event_pb2.Event.FromString(record).step <= last_step:
+                kept.append(record)
+        if len(kept) == total:
+            continue
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for record in kept:
+                writer.write(record)
+            writer.flush()
+        tmp.replace(path)
+        dropped += total - len(kept)
+    return dropped
+
+
+def log_session_start(writer: SummaryWriter, hparams: Mapping[str, bool | int | float | str]) -> None:
+    writer.file_writer.add_summary(hparams_summary.session_start_pb(dict(hparams)))
+
+
+def log_session_end(writer: SummaryWriter, ok: bool = True) -> None:
+    status = api_pb2.Status.Value("STATUS_SUCCESS" if ok else "STATUS_FAILURE")
+    writer.file_writer.add_summary(hparams_summary.session_end_pb(status))
