@@ -1,0 +1,184 @@
+"""Data sets, splits, transforms and loaders: config -> DataBundle -> DataLoaders.
+
+    bundle = build_data(cfg.data, cfg.model)         # classes + train/val/test datasets of uint8 images
+    bundle.write_run_files(run_dir)                   # classes.json, splits.csv, skipped_files.txt
+    loader = make_loader(bundle.train, cfg.data, train=True, seed=cfg.seed)
+    set_epoch(loader, epoch)                          # before each epoch: order and augmentation
+    images = normalize(batch.to(device), cfg.model.mean, cfg.model.std)   # on the device
+
+data=flowers (tf_flowers, the default), folder (any class-per-folder tree), synthetic (drawn in memory),
+flowers102, cifar10, cifar100 (torchvision). File-based data sets are scanned once for unreadable
+files, split reproducibly (splits.py) and decoded once into an on-disk cache (cache.py).
+"""
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf.errors import MissingMandatoryValue
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+from .cache import ImageCache
+from .datasets import FileImages, TensorImages, Transform
+from .flowers import locate_flowers
+from .folder import Listing, list_folder
+from .images import load_image
+from .loaders import make_loader, set_epoch
+from .locations import cache_dir, data_root
+from .scan import scan_images
+from .splits import SPLITS, ManifestRow, assign_splits, check_fractions, read_manifest, write_manifest
+from .synthetic import generate_synthetic
+from .torchvision_sets import CIFAR, cifar_tensors, flowers102_listing
+from .transforms import batch_mixer, eval_transform, normalize, stored_size, train_transform
+
+__all__ = [
+    "DataBundle",
+    "batch_mixer",
+    "build_data",
+    "eval_transform",
+    "load_image",
+    "make_loader",
+    "normalize",
+    "set_epoch",
+    "train_transform",
+]
+
+log = logging.getLogger("rethink")
+
+DATASETS = ("flowers", "folder", "synthetic", "flowers102", "cifar10", "cifar100")
+
+
+@dataclass
+class DataBundle:
+    classes: list[str]
+    train: Dataset  # items: (uint8 3 x train_size x train_size, label), random train transforms
+    val: Dataset  # items: (uint8 3 x eval_size x eval_size, label), eval transforms
+    test: Dataset
+    skipped: list[str] = field(default_factory=list)  # "path: why" for each unreadable file the scan found
+    manifest: list[ManifestRow] = field(default_factory=list)  # file-based data sets: every image's split
+
+    def write_run_files(self, run_dir: Path) -> None:
+        """classes.json (index -> name), splits.csv (file-based data sets), skipped_files.txt (when any)."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "classes.json").write_text(json.dumps(self.classes, indent=1) + "\n")
+        if self.manifest:
+            write_manifest(run_dir / "splits.csv", self.manifest)
+        if self.skipped:
+            (run_dir / "skipped_files.txt").write_text("\n".join(self.skipped) + "\n")
+
+
+def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBundle:
+    """The data set `data_cfg` names, split, with the transforms `model_cfg`'s image sizes call for.
+    `manifest`: a run's splits.csv, to rebuild exactly that run's splits of a file-based data set
+    (without it the split is recomputed, which gives the same result while the files are unchanged)."""
+    name = getattr(data_cfg.name, "value", data_cfg.name)
+    fractions = check_fractions(data_cfg.split)
+    transforms = train_transform(model_cfg, data_cfg), eval_transform(model_cfg, data_cfg)
+    seed = data_cfg.split_seed
+    if name == "synthetic":
+        images, labels, classes = generate_synthetic(data_cfg.num_classes, data_cfg.images_per_class, data_cfg.image_size, seed)
+        return _tensor_bundle(classes, images, labels, assign_splits(labels, [None] * len(labels), fractions, seed), transforms)
+    if name in CIFAR:
+        classes, parts = cifar_tensors(name, data_root(data_cfg.root))
+        (train_images, train_labels), (test_images, test_labels) = parts["train"], parts["test"]
+        labels = train_labels + test_labels
+        given = ["train"] * len(train_labels) + ["test"] * len(test_labels)
+        images = torch.cat([train_images, test_images])
+        return _tensor_bundle(classes, images, labels, assign_splits(labels, given, fractions, seed), transforms)
+    listing = _listing(name, data_cfg)
+    if manifest is not None:
+        listing = _listing_from_manifest(listing.root, read_manifest(Path(manifest)), manifest)
+    return _file_bundle(listing, data_cfg, model_cfg, fractions, transforms, splits_given=manifest is not None)
+
+
+def _listing(name: str, data_cfg) -> Listing:
+    if name == "flowers":
+        return list_folder(locate_flowers(data_root(data_cfg.root)))
+    if name == "folder":
+        if _configured(data_cfg, "root") is None:
+            raise UserError("data=folder needs data.root=PATH: a folder with one folder of images per class (or train/ val/ test/ folders of those)")
+        return list_folder(Path(data_cfg.root).expanduser())
+    if name == "flowers102":
+        return flowers102_listing(data_root(data_cfg.root))
+    raise UserError(f"data.name={name}: allowed: {', '.join(DATASETS)}")
+
+
+def _configured(node, key: str):
+    """node[key], or None when it is null or ??? (missing)."""
+    try:
+        return node[key]
+    except MissingMandatoryValue:
+        return None
+
+
+def _listing_from_manifest(root: Path, rows: list[ManifestRow], manifest: Path) -> Listing:
+    names: dict[int, str] = {}
+    for row in rows:
+        if names.setdefault(row.label, row.class_name) != row.class_name:
+            raise UserError(f"{manifest}: label {row.label} is both {names[row.label]!r} and {row.class_name!r}; was it edited?")
+    if sorted(names) != list(range(len(names))):
+        raise UserError(f"{manifest}: labels must number the classes 0..K-1; was it edited?")
+    missing = next((r.path for r in rows if not (root / r.path).is_file()), None)
+    if missing:
+        raise UserError(f"{manifest}: lists {missing}, which is not in {root}; point data.root at the data set the run used")
+    return Listing(root, [names[k] for k in range(len(names))], [r.path for r in rows], [r.label for r in rows], [r.split for r in rows])
+
+
+def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, transforms: tuple[Transform, Transform], splits_given: bool) -> DataBundle:
+    root, classes = listing.root, listing.classes
+    cache_root = cache_dir(data_cfg.cache_dir)
+    scan = scan_images(root, listing.paths, cache_root)
+    skipped = [f"{root / path}: {why}" for path, why in scan.skipped.items()]
+    if skipped:
+        shown = "; ".join(skipped[:10]) + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        log.warning(f"skipped {len(skipped)} unreadable image file(s) (listed in the run's skipped_files.txt): {shown}")
+    kept = [i for i, path in enumerate(listing.paths) if path in scan.digests]
+    paths = [listing.paths[i] for i in kept]
+    labels = [listing.labels[i] for i in kept]
+    given = [listing.splits[i] for i in kept]
+    splits = given if splits_given else assign_splits(labels, given, fractions, data_cfg.split_seed)
+    _require_training_images(root, classes, labels, splits, len(skipped))
+
+    cache = ImageCache(cache_root, stored_size(model_cfg, data_cfg)) if data_cfg.cache else None
+
+    def subset(split: str, transform: Transform) -> FileImages:
+        chosen = [i for i, s in enumerate(splits) if s == split]
+        return FileImages(root, [paths[i] for i in chosen], [labels[i] for i in chosen], [scan.digests[paths[i]] for i in chosen], transform, cache)
+
+    manifest = sorted(
+        (ManifestRow(split, label, classes[label], path) for split, label, path in zip(splits, labels, paths)),
+        key=lambda row: (SPLITS.index(row.split), row.path),
+    )
+    bundle = DataBundle(classes, subset("train", transforms[0]), subset("val", transforms[1]), subset("test", transforms[1]), skipped, manifest)
+    _log_sizes(bundle, root)
+    return bundle
+
+
+def _require_training_images(root: Path, classes: list[str], labels: list[int], splits: list[str], skipped: int) -> None:
+    if not labels:
+        raise UserError(f"data.root={root}: no readable images ({skipped} unreadable skipped)")
+    train = Counter(label for label, split in zip(labels, splits) if split == "train")
+    empty = [name for k, name in enumerate(classes) if train[k] == 0]
+    if empty:
+        total = Counter(labels)
+        why = "no readable images" if total[classes.index(empty[0])] == 0 else "no training images"
+        raise UserError(f"data.root={root}: class {empty[0]!r} has {why}; add images to it or remove its folder")
+
+
+def _tensor_bundle(classes: list[str], images: torch.Tensor, labels: list[int], splits: list[str], transforms: tuple[Transform, Transform]) -> DataBundle:
+    def subset(split: str, transform: Transform) -> TensorImages:
+        chosen = [i for i, s in enumerate(splits) if s == split]
+        return TensorImages(images[chosen], [labels[i] for i in chosen], transform)
+
+    bundle = DataBundle(classes, subset("train", transforms[0]), subset("val", transforms[1]), subset("test", transforms[1]))
+    _log_sizes(bundle, "memory")
+    return bundle
+
+
+def _log_sizes(bundle: DataBundle, where) -> None:
+    log.info(f"data: {len(bundle.classes)} classes, {len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test images ({where})")

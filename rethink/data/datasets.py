@@ -1,0 +1,76 @@
+"""Datasets of uint8 images: files (decoded once into the image cache) and tensors held in memory.
+
+An item can be asked for by index, or by (index, sample_seed) as `SeededSampler` yields them: then
+the random transform runs with torch's CPU generator seeded by sample_seed, so a sample's
+augmentation depends on the sampler's (seed, epoch) alone, not on which worker made it or how many
+workers there are, and a run resumed at epoch k sees what an uninterrupted run saw.
+"""
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .cache import ImageCache
+from .images import load_image
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class SeededImages(Dataset):
+    def __init__(self, labels: Sequence[int], transform: Transform):
+        self.labels = [int(label) for label in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+        image = self.image(index)
+        if sample_seed is None:
+            return self.transform(image), self.labels[index]
+        return with_seed(self.transform, image, sample_seed), self.labels[index]
+
+
+def with_seed(transform: Transform, image: torch.Tensor, seed: int) -> torch.Tensor:
+    """transform(image) with the CPU generator seeded by `seed`; the generator's state is put back
+    after, so a loader without workers leaves the training loop's random stream alone. (Only the CPU
+    generator: torch.manual_seed would reseed CUDA's too.)"""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return transform(image)
+    finally:
+        generator.set_state(state)
+
+
+class FileImages(SeededImages):
+    """Image files under `root`; with a cache, each is decoded once and then read back as raw uint8."""
+
+    def __init__(self, root: Path, paths: Sequence[str], labels: Sequence[int], digests: Sequence[str], transform: Transform, cache: ImageCache | None):
+        super().__init__(labels, transform)
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.digests = list(digests)
+        self.cache = cache
+
+    def image(self, index: int) -> torch.Tensor:
+        path = self.root / self.paths[index]
+        return self.cache.load(path, self.digests[index]) if self.cache else load_image(path)
+
+
+class TensorImages(SeededImages):
+    """Images already in memory as one uint8 N x 3 x H x W tensor (synthetic, CIFAR)."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], transform: Transform):
+        super().__init__(labels, transform)
+        self.images = images
+
+    def image(self, index: int) -> torch.Tensor:
+        return self.images[index]

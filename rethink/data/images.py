@@ -1,0 +1,110 @@
+"""Decode any image file into RGB uint8, whatever its mode: CMYK, greyscale, palette, alpha, 16-bit.
+
+Transparent pixels are composited onto white; 16-bit samples are scaled to 8 bits (65535 -> 255), not
+clipped; the EXIF orientation is applied, so a photo stands the way its camera showed it.
+"""
+
+import io
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def is_image_file(path: Union[str, Path]) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def open_rgb(source: Union[str, Path, BinaryIO], shorter_side: int | None = None) -> Image.Image:
+    """Fully decode `source` into an RGB PIL image. With `shorter_side`, a JPEG is decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still at least that long: much faster,
+    and what the scan (`shorter_side=1`) and the image cache use. Raises whatever PIL raises."""
+    image = Image.open(source)
+    if shorter_side is not None and image.format == "JPEG":
+        image.draft("RGB", (shorter_side, shorter_side))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        return Image.fromarray(_sixteen_to_eight_bits(np.asarray(image))).convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0  # float images are 0..1 or 0..255
+        return Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, P without transparency
+
+
+def _sixteen_to_eight_bits(values: np.ndarray) -> np.ndarray:
+    """16-bit samples (mode I;16, or mode I holding them) scaled 0..65535 -> 0..255. Mode I images
+    whose values all fit in 8 bits are 8-bit data stored wide and are kept as they are."""
+    values = values.astype(np.int64)
+    if values.max(initial=0) > 255:
+        values = (values * 255 + 32767) // 65535
+    return np.clip(values, 0, 255).astype(np.uint8)
+
+
+def resize_shorter_side(image: Image.Image, shorter_side: int) -> Image.Image:
+    """Downscale so the shorter side is `shorter_side`; never upscale."""
+    width, height = image.size
+    if min(width, height) <= shorter_side:
+        return image
+    scale = shorter_side / min(width, height)
+    size = (max(shorter_side, round(width * scale)), max(shorter_side, round(height * scale)))
+    return image.resize(size, Image.BILINEAR, reducing_gap=None)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor 3xHxW (a channels-last view: torchvision's uint8 resize is fastest on it)."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def load_image(path: Union[str, Path], shorter_side: int | None = None) -> torch.Tensor:
+    """Any image file -> uint8 RGB tensor 3xHxW (downscaled to `shorter_side` when given).
+    An unreadable file is a UserError that names it."""
+    try:
+        image = open_rgb(path, shorter_side)
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        raise UserError(f"{path}: not a readable image ({describe_error(e)})") from None
+    if shorter_side is not None:
+        image = resize_shorter_side(image, shorter_side)
+    return to_tensor(image)
+
+
+def decode_error(data: bytes) -> str | None:
+    """None when `data` decodes fully into an RGB image, else why not (one short phrase).
+    JPEGs are decoded at 1/8 scale, which still reads every byte of the file."""
+    if not data:
+        return "empty file"
+    try:
+        open_rgb(io.BytesIO(data), shorter_side=1)
+    except Exception as e:
+        return describe_error(e)
+    return None
+
+
+def describe_error(error: BaseException) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format Pillow can read"
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:120]

@@ -1,0 +1,77 @@
+"""DataLoaders whose order and augmentation are decided in the main process by (seed, epoch).
+
+`SeededSampler` yields (index, sample_seed) pairs; the datasets seed each sample's transform with its
+sample_seed. So the batches of epoch k are the same with 0 or 8 workers, with persistent workers, and
+in a run resumed at epoch k: call `set_epoch(loader, k)` before iterating.
+"""
+
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import UserError
+
+
+class SeededSampler(Sampler):
+    def __init__(self, size: int, seed: int, shuffle: bool):
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed & (2**63 - 1), self.epoch])
+        order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+        sample_seeds = rng.integers(0, 2**63 - 1, size=self.size)
+        return iter(zip(order.tolist(), sample_seeds.tolist()))
+
+
+def default_num_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus)
+
+
+def make_loader(dataset: Dataset, data_cfg, *, train: bool, seed: int, pin_memory: bool = False, batch_size: int | None = None) -> DataLoader:
+    """Shuffled, augmented batches for training (the last incomplete batch dropped, unless the data
+    set is smaller than one batch); the data set's order for evaluation."""
+    batch_size = batch_size or data_cfg.batch_size
+    if batch_size < 1:
+        raise UserError(f"data.batch_size={batch_size}: must be at least 1")
+    workers = default_num_workers() if data_cfg.num_workers is None else data_cfg.num_workers
+    if workers < 0:
+        raise UserError(f"data.num_workers={workers}: must be 0 (load in the main process) or more; null picks min(8, CPUs)")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=SeededSampler(len(dataset), seed, shuffle=train),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        drop_last=train and len(dataset) >= batch_size,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Make `loader` produce epoch `epoch`'s order and augmentation (call it before each epoch)."""
+    sampler = getattr(loader, "sampler", None)
+    if not hasattr(sampler, "set_epoch"):
+        raise TypeError("set_epoch needs a loader made by rethink.data.make_loader")
+    sampler.set_epoch(epoch)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker (base seed + id); numpy and random, for user transforms, follow it
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,102 @@
+"""Reproducible, stratified train/val/test splits, and the manifest (splits.csv) that records them.
+
+A split depends only on the sorted file list, the labels, `data.split` and `data.split_seed`, never on
+the training seed or the file system's listing order, so every run of a sweep sees the same images.
+"""
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+
+SPLITS = ("train", "val", "test")
+MANIFEST_FIELDS = ("split", "label", "class", "path")
+
+
+def check_fractions(split: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(x) for x in split)
+    if len(values) != 3 or min(values) <= 0 or abs(sum(values) - 1) > 1e-6:
+        raise UserError(
+            f"data.split={list(values)}: give three positive fractions [train, val, test] that sum to 1, e.g. [0.7,0.15,0.15]"
+        )
+    return values
+
+
+def part_sizes(count: int, fractions: Sequence[float]) -> list[int]:
+    """How many of `count` items of one class go to each part. Part 0 (train) keeps at least one; every
+    other part gets at least one when the class has an item for each part."""
+    sizes = [round(count * f) for f in fractions[1:]]
+    if count >= len(fractions):
+        sizes = [max(1, s) for s in sizes]
+    while sum(sizes) > count - 1:  # give back from the largest part until train keeps one
+        sizes[int(np.argmax(sizes))] -= 1
+    return [count - sum(sizes), *sizes]
+
+
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> np.ndarray:
+    """The part (index into `fractions`) of each item. Each class is shuffled by its own generator,
+    seeded by (seed, label), and cut by `part_sizes`; items keep their order within a part."""
+    labels = np.asarray(labels)
+    parts = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        shuffled = np.random.default_rng([seed, int(label)]).permutation(members)
+        bounds = np.cumsum(part_sizes(len(members), fractions))[:-1]
+        for part, chunk in enumerate(np.split(shuffled, bounds)):
+            parts[chunk] = part
+    return parts
+
+
+def assign_splits(labels: Sequence[int], given: Sequence[str | None], fractions: Sequence[float], seed: int) -> list[str]:
+    """The split of every item. Items that came without one (an unsplit folder) are split stratified by
+    `fractions`. When some came split (a train/ val/ test/ tree, CIFAR's train and test sets), a
+    missing val or test split is carved from train, stratified, by its fraction of `data.split`."""
+    labels = np.asarray(labels)
+    if all(g is None for g in given):
+        return [SPLITS[p] for p in stratified_split(labels, fractions, seed)]
+    result = list(given)
+    missing = [s for s in SPLITS[1:] if s not in result]
+    if missing:
+        train = np.flatnonzero(np.array([g == "train" for g in result], dtype=bool))
+        carve = [fractions[SPLITS.index(s)] for s in missing]
+        parts = stratified_split(labels[train], [1 - sum(carve), *carve], seed)
+        for index, part in zip(train, parts):
+            result[index] = "train" if part == 0 else missing[part - 1]
+    return result
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    split: str
+    label: int
+    class_name: str
+    path: str  # relative to the data set's folder, with forward slashes
+
+
+def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(MANIFEST_FIELDS)
+        for row in rows:
+            writer.writerow((row.split, row.label, row.class_name, row.path))
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != MANIFEST_FIELDS:
+                raise UserError(f"{path}: not a splits manifest (want the columns {','.join(MANIFEST_FIELDS)})")
+            rows = [ManifestRow(r["split"], int(r["label"]), r["class"], r["path"]) for r in reader]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the splits manifest ({e.strerror or e})") from None
+    except ValueError:
+        raise UserError(f"{path}: a label is not an integer; was the manifest edited?") from None
+    bad = sorted({r.split for r in rows} - set(SPLITS))
+    if bad:
+        raise UserError(f"{path}: unknown split {bad[0]!r}; allowed: {', '.join(SPLITS)}")
+    return rows

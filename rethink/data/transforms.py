@@ -1,0 +1,74 @@
+"""Transforms from the model's image sizes (torchvision.transforms.v2 on uint8 CHW tensors).
+
+Loader workers only crop, resize and flip uint8 images; converting to float and normalising happens
+batch-wise on the device (`normalize`), and so does mixup/cutmix (`batch_mixer`).
+
+    train (data.augment): flip_crop      RandomResizedCrop(train_size) + horizontal flip (the default)
+                          none           resize the shorter side to train_size + centre crop
+                          randaugment    flip_crop + RandAugment
+                          trivialaugment flip_crop + TrivialAugmentWide
+    eval:                 resize the shorter side to round(eval_size / data.crop_pct) + centre crop eval_size
+"""
+
+from typing import Callable, Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from ..errors import UserError
+
+
+def _value(option) -> str:
+    return getattr(option, "value", option)
+
+
+def eval_resize(model_cfg, data_cfg) -> int:
+    crop_pct = float(data_cfg.crop_pct)
+    if not 0 < crop_pct <= 1:
+        raise UserError(f"data.crop_pct={crop_pct}: must be in (0, 1], the fraction of the resized image the centre crop keeps")
+    return round(model_cfg.eval_size / crop_pct)
+
+
+def stored_size(model_cfg, data_cfg) -> int:
+    """The shorter side an image needs for both transforms: the size decoded images are cached at."""
+    return max(model_cfg.train_size, eval_resize(model_cfg, data_cfg))
+
+
+def train_transform(model_cfg, data_cfg) -> Callable[[torch.Tensor], torch.Tensor]:
+    size = model_cfg.train_size
+    augment = _value(data_cfg.augment)
+    if augment == "none":
+        return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    if augment == "randaugment":
+        steps.append(v2.RandAugment())
+    elif augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide())
+    elif augment != "flip_crop":
+        raise UserError(f"data.augment={augment}: allowed: none, flip_crop, randaugment, trivialaugment")
+    return v2.Compose(steps)
+
+
+def eval_transform(model_cfg, data_cfg) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 3xHxW -> uint8 3 x eval_size x eval_size."""
+    return v2.Compose([v2.Resize(eval_resize(model_cfg, data_cfg), antialias=True), v2.CenterCrop(model_cfg.eval_size)])
+
+
+def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images (NCHW or CHW, any device and memory format) -> float32 (x / 255 - mean) / std."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1) * 255
+    std = torch.as_tensor(std, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1) * 255
+    return images_uint8.float().sub_(mean).div_(std)
+
+
+def batch_mixer(data_cfg, num_classes: int) -> Callable | None:
+    """MixUp and/or CutMix (one of them, picked at random per batch) for (float images, int labels)
+    batches; labels come back as mixed one-hot rows. None when data.mixup_alpha and data.cutmix_alpha are 0."""
+    mixers = []
+    for key, mixer in (("mixup_alpha", v2.MixUp), ("cutmix_alpha", v2.CutMix)):
+        alpha = float(data_cfg[key])
+        if alpha < 0:
+            raise UserError(f"data.{key}={alpha}: must be 0 (off) or positive")
+        if alpha > 0:
+            mixers.append(mixer(alpha=alpha, num_classes=num_classes))
+    return v2.RandomChoice(mixers) if mixers else None
