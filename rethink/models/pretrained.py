@@ -47,7 +47,8 @@ class LoadReport:
             return text + " (all of them)"
         parts = [text]
         if self.shape_mismatch:
-            shown = ", ".join(f"{k} {_shape(a)} vs {_shape(b)}" for k, a, b in self.shape_mismatch[:6])
+            first = sorted(self.shape_mismatch, key=lambda m: not m[0].startswith("classifier."))  # the usual one first
+            shown = ", ".join(f"{k} {_shape(a)} vs {_shape(b)}" for k, a, b in first[:6])
             more = len(self.shape_mismatch) - 6
             parts.append(f"kept initial (shape differs): {shown}" + (f" and {more} more" if more > 0 else ""))
         if self.missing:

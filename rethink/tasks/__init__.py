@@ -1,6 +1,8 @@
 """One function per task; run.py calls `run_task` with the composed config."""
 
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ..config import apply_overrides, config_from_checkpoint
 from ..errors import UserError
 
 log = logging.getLogger("rethink")
@@ -24,6 +27,32 @@ def _tasks():
         "summary": summary.summary,
         "benchmark": benchmark.benchmark,
     }
+
+
+def cli_overrides() -> list[str]:
+    """The overrides the command line gave (empty outside a Hydra app, e.g. in tests)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def hydra_choice(group: str) -> str:
+    """Which option of a config group this run uses ('' outside a Hydra app)."""
+    return str(HydraConfig.get().runtime.choices.get(group, "")) if HydraConfig.initialized() else ""
+
+
+def checkpoint_run_config(state: dict, cfg: DictConfig) -> DictConfig:
+    """The config a checkpoint was trained with, plus what this command line overrides in it
+    (e.g. `data.root=...`, `data=folder`, `trainer.device=cpu`)."""
+    saved = config_from_checkpoint(state["config"])
+    merged, _ = apply_overrides(saved, cfg, cli_overrides(), skip=("task", "ckpt", "inputs", "resume"))
+    return merged
+
+
+def write_json(path: Path, data) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def run_task(cfg: DictConfig):

@@ -1,6 +1,5 @@
 """task=summary: the model's stage table, parameters and multiply-adds, printed and in summary.json."""
 
-import json
 import logging
 from pathlib import Path
 
@@ -8,6 +7,7 @@ from omegaconf import DictConfig
 
 from ..models import build_model
 from ..models.profile import count_gmacs, count_params, stage_table
+from . import write_json
 
 log = logging.getLogger("rethink")
 
@@ -25,8 +25,7 @@ def summary(cfg: DictConfig, run_dir: Path) -> dict:
         "stages": stage_table(model),
     }
     print(format_summary(result))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(run_dir / "summary.json", result)
     log.info(f"wrote {run_dir / 'summary.json'}")
     return result
 

@@ -72,3 +72,17 @@ def load_checkpoint(path: Any, key: str = "ckpt") -> dict:
     if state.get("version", 0) > VERSION:
         raise UserError(f"{key}={path}: checkpoint version {state['version']} is newer than this rethink ({VERSION}); upgrade rethink")
     return state
+
+
+def model_from_checkpoint(state: dict, use_ema: bool = True):
+    """The checkpoint's model, built from its own config, in eval mode on the CPU; its EMA weights
+    when it has them and `use_ema`."""
+    from ..models import build_model
+
+    model = build_model(state["config"]["model"], len(state["classes"]))
+    weights = state["ema"] if use_ema and state.get("ema") else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint: its weights do not fit the model its config describes ({str(e).splitlines()[0][:120]})") from None
+    return model.eval()

@@ -3,6 +3,8 @@
 import os
 import random
 import resource
+import signal
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -90,3 +92,29 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `requested` (to the signal number), so the loop can
+    save a checkpoint between steps and exit; a second signal interrupts at once."""
+
+    def __init__(self):
+        self.requested = 0
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

@@ -6,13 +6,14 @@ events instead. TensorBoard then infers the HPARAMS table (hyperparameters from 
 metrics from the scalar tags) across every run under `--logdir outputs`.
 """
 
+import time
 from pathlib import Path
 from typing import Mapping
 
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
-from tensorboard.plugins.hparams import api_pb2
-from tensorboard.plugins.hparams import summary as hparams_summary
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
@@ -50,9 +51,26 @@ def truncate_events(run_dir: Path, last_step: int) -> int:
 
 
 def log_session_start(writer: SummaryWriter, hparams: Mapping[str, bool | int | float | str]) -> None:
-    writer.file_writer.add_summary(hparams_summary.session_start_pb(dict(hparams)))
+    info = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+    for name, value in hparams.items():
+        if isinstance(value, bool):
+            info.hparams[name].bool_value = value
+        elif isinstance(value, (int, float)):
+            info.hparams[name].number_value = value
+        else:
+            info.hparams[name].string_value = str(value)
+    writer.file_writer.add_summary(_hparams_summary(metadata.SESSION_START_INFO_TAG, session_start_info=info))
 
 
 def log_session_end(writer: SummaryWriter, ok: bool = True) -> None:
     status = api_pb2.Status.Value("STATUS_SUCCESS" if ok else "STATUS_FAILURE")
-    writer.file_writer.add_summary(hparams_summary.session_end_pb(status))
+    info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+    writer.file_writer.add_summary(_hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=info))
+
+
+def _hparams_summary(tag: str, **data) -> Summary:
+    """A summary the HPARAMS plugin reads (what tensorboard.plugins.hparams.summary builds, without
+    its TensorFlow import)."""
+    content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **data).SerializeToString()
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content))
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
