@@ -6,7 +6,7 @@ clipped; the EXIF orientation is applied, so a photo stands the way its camera s
 
 import io
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -20,14 +20,14 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def is_image_file(path: Union[str, Path]) -> bool:
+def is_image_file(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def open_rgb(source: Union[str, Path, BinaryIO], shorter_side: int | None = None) -> Image.Image:
+def open_rgb(source: str | Path | BinaryIO, shorter_side: int | None = None) -> Image.Image:
     """Fully decode `source` into an RGB PIL image. With `shorter_side`, a JPEG is decoded at the
-    smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still at least that long: much faster,
-    and what the scan (`shorter_side=1`) and the image cache use. Raises whatever PIL raises."""
+    strongest DCT reduction (1/2, 1/4, 1/8) that keeps its shorter side at least that long: much
+    faster; the scan (`shorter_side=1`) and the image cache use it. Raises whatever PIL raises."""
     image = Image.open(source)
     if shorter_side is not None and image.format == "JPEG":
         image.draft("RGB", (shorter_side, shorter_side))
@@ -47,21 +47,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        return Image.fromarray(_sixteen_to_eight_bits(np.asarray(image))).convert("RGB")
+        values = np.asarray(image).astype(np.int64)
+        if mode != "I" or values.max(initial=0) > 255:  # mode I holds 16-bit data, unless it all fits in 8 bits
+            values = (values * 255 + 32767) // 65535
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8)).convert("RGB")
     if mode == "F":
         values = np.asarray(image, dtype=np.float32)
         scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0  # float images are 0..1 or 0..255
         return Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, P without transparency
-
-
-def _sixteen_to_eight_bits(values: np.ndarray) -> np.ndarray:
-    """16-bit samples (mode I;16, or mode I holding them) scaled 0..65535 -> 0..255. Mode I images
-    whose values all fit in 8 bits are 8-bit data stored wide and are kept as they are."""
-    values = values.astype(np.int64)
-    if values.max(initial=0) > 255:
-        values = (values * 255 + 32767) // 65535
-    return np.clip(values, 0, 255).astype(np.uint8)
 
 
 def resize_shorter_side(image: Image.Image, shorter_side: int) -> Image.Image:
@@ -79,7 +73,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def load_image(path: Union[str, Path], shorter_side: int | None = None) -> torch.Tensor:
+def load_image(path: str | Path, shorter_side: int | None = None) -> torch.Tensor:
     """Any image file -> uint8 RGB tensor 3xHxW (downscaled to `shorter_side` when given).
     An unreadable file is a UserError that names it."""
     try:
