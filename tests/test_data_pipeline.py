@@ -260,3 +260,15 @@ def test_benchmark_writes_its_figures(tmp_path):
     assert written == result
     assert set(result["samples_per_s"]) == {"reference", "cached", "cached_cpu_normalize"}
     assert all(rate > 0 for rate in result["samples_per_s"].values()) and result["cpu"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_normalize_mixer_and_pinned_batches_on_the_gpu():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    on_gpu = normalize(images.cuda(), MODEL.mean, MODEL.std)
+    assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), normalize(images, MODEL.mean, MODEL.std))
+    mixed, labels = batch_mixer(data_cfg(mixup_alpha=0.2, cutmix_alpha=1.0), 5)(on_gpu, torch.tensor([0, 1, 2, 3]).cuda())
+    assert mixed.is_cuda and labels.is_cuda and labels.shape == (4, 5)
+    bundle = build_data(synthetic_cfg(), MODEL)
+    batch, _ = next(iter(make_loader(bundle.train, synthetic_cfg(num_workers=0), train=True, seed=0, pin_memory=True)))
+    assert batch.is_pinned()

@@ -58,7 +58,7 @@ def _draw(pattern: int, n: int, size: int, rng: np.random.Generator) -> np.ndarr
     background = (foreground + rng.uniform(0.35, 0.65, (n, 3, 1, 1))) % 1.0  # every channel contrasts
     shading = 1 + 0.25 * (column(-1, 1) * x + column(-1, 1) * y) / size  # a lit-from-one-side gradient
     image = background * shading[:, None] * (1 - mask[:, None]) + foreground * mask[:, None]
-    image += rng.normal(0, 0.05, image.shape).astype(np.float32)
+    image += 0.05 * rng.standard_normal(image.shape, dtype=np.float32)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
