@@ -2,12 +2,9 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RETHINK_NO_DOWNLOAD", "1")  # tests never touch the network
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -43,7 +43,9 @@ class EfficientNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # torchvision's initialisation, so that both libraries start from the same distribution
+        # torchvision's initialisation, except the classifier's range: 1/sqrt(in_features) rather
+        # than 1/sqrt(num_classes). Both are ~0.03 at ImageNet's 1000 classes, but torchvision's
+        # gives +-0.45 with 5 classes, logits of +-10 and a first loss near 10 when training from scratch.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -53,7 +55,7 @@ class EfficientNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.out_features)
+                bound = 1.0 / math.sqrt(m.in_features)
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)
 

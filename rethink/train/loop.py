@@ -1,7 +1,7 @@
 """The training step, one epoch of training, and evaluation."""
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -89,7 +89,7 @@ class EpochTotals:
     images: int = 0
     batches: int = 0
     seconds: float = 0.0
-    interrupted: bool = field(default=False, compare=False)
+    interrupted: bool = False
 
     @property
     def loss(self) -> float:
@@ -120,6 +120,7 @@ def train_epoch(
     Raises NonFiniteLoss when the loss stops being finite (with a gradient scaler: for a whole
     window of steps, since fp16 overflows are skipped by the scaler and are not divergence)."""
     learner.model.train()
+    totals.interrupted = False
     device = learner.inputs.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)

@@ -1,0 +1,274 @@
+"""task=train on the CPU at 32 px with synthetic data: files, scalars, checkpoints, resume, failures."""
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginAccumulator
+
+from rethink.config import compose_config
+from rethink.errors import UserError
+from rethink.tasks.train import train
+from rethink.train.checkpoint import load_checkpoint
+from rethink.train.optim import RMSpropTF, lr_factor
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "data=synthetic", "data.images_per_class=40", "data.image_size=40", "data.num_workers=0", "data.batch_size=8",
+    "model.train_size=32", "model.eval_size=32", "trainer.device=cpu", "trainer.epochs=2",
+    "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "seed=3",
+]
+
+
+def tiny(*overrides: str):
+    return compose_config([*TINY, *overrides])
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    found = {}
+    for path in sorted(glob.glob(f"{run_dir}/events.out.tfevents*")):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return found
+
+
+def test_a_short_run_leaves_every_file_and_scalar(tmp_path):
+    metrics = train(tiny(), tmp_path)
+    for name in ["metrics.json", "classes.json", "checkpoints/last.pt", "checkpoints/best.pt"]:
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    for key in ["best_val_acc", "best_epoch", "final_val_acc", "final_train_loss", "test_acc", "epochs", "params",
+                "gmacs", "train_time_s", "train_img_s", "peak_memory_mb"]:
+        assert key in saved, key
+    assert saved["epochs"] == 2 and isinstance(saved["test_acc"], float)
+    logged = scalars(tmp_path)
+    for tag in ["train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr", "time/epoch_s", "throughput/train_img_s"]:
+        assert [step for step, _ in logged[tag]] == [1, 2], tag
+    assert logged["test/acc"][0][1] == pytest.approx(saved["test_acc"])
+    plugins = PluginAccumulator(str(tmp_path))
+    plugins.Reload()
+    assert "_hparams_/session_start_info" in plugins.PluginTagToContent("hparams")
+    assert "_hparams_/session_end_info" in plugins.PluginTagToContent("hparams")
+    images = EventAccumulator(str(tmp_path))
+    images.Reload()
+    assert {"train/images", "test/confusion_matrix"} <= set(images.Tags()["images"])
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["classes"] == json.loads((tmp_path / "classes.json").read_text())
+    assert {"model", "optimizer", "scheduler", "config", "ema"} <= set(ckpt)
+    assert ckpt["config"]["model"]["name"] == "b0"
+
+
+def test_same_seed_same_loss_curve(tmp_path):
+    first = train(tiny("trainer.epochs=1"), tmp_path / "a")
+    second = train(tiny("trainer.epochs=1"), tmp_path / "b")
+    curve = lambda run: load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["history"]
+    assert [r["train_loss"] for r in curve("a")] == [r["train_loss"] for r in curve("b")]
+    assert first["test_acc"] == second["test_acc"]
+    third = train(tiny("trainer.epochs=1", "seed=4"), tmp_path / "c")
+    assert [r["train_loss"] for r in curve("c")] != [r["train_loss"] for r in curve("a")]
+    del third
+
+
+def test_freeze_backbone_trains_only_the_head_from_a_pretrained_file(tmp_path):
+    from rethink.models import create_model
+
+    source = create_model("b0", 4)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    train(tiny("trainer.epochs=1", f"model.pretrained={tmp_path / 'weights.pt'}", "model.freeze=backbone"), tmp_path / "run")
+    after = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    before = source.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k].cpu())}
+    assert changed == {"classifier.weight", "classifier.bias"}
+
+
+def test_ema_is_evaluated_and_checkpointed(tmp_path):
+    train(tiny("trainer.ema=true", "trainer.ema_decay=0.5"), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["ema"] is not None and ckpt["ema_updates"] == 8
+    assert "val_ema/acc" in scalars(tmp_path)
+
+
+def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import rethink.train.loop as loop
+
+    real = loop.F.cross_entropy
+    calls = {"n": 0}
+
+    class PoisonedF:
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        @staticmethod
+        def cross_entropy(*args, **kwargs):
+            loss = real(*args, **kwargs)
+            if kwargs.get("reduction") == "sum":  # evaluation
+                return loss
+            calls["n"] += 1
+            return loss * float("nan") if calls["n"] > 4 else loss  # the second epoch diverges
+
+    monkeypatch.setattr(loop, "F", PoisonedF())
+    with pytest.raises(UserError, match="non-finite.*epoch 2.*last.pt \\(epoch 1\\)"):
+        train(tiny("trainer.epochs=3", "trainer.log_every_n_steps=2"), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_used_run_directory_is_not_overwritten(tmp_path):
+    train(tiny("trainer.epochs=1"), tmp_path)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny("trainer.epochs=1"), tmp_path)
+
+
+def run_py(*args, **kwargs):
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wait_for_checkpoint_writes(path: Path, process, writes: int, timeout: float = 240) -> None:
+    seen, last = 0, None
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if path.exists():
+            stamp = path.stat().st_mtime_ns
+            if stamp != last:
+                seen, last = seen + 1, stamp
+                if seen >= writes:
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written {writes} times: {process.stdout.read() if process.poll() is not None else ''}")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_ends_at_the_asked_epochs_with_one_point_per_epoch(tmp_path):
+    args = [*TINY, "trainer.epochs=5", "trainer.limit_train_batches=6", f"hydra.run.dir={tmp_path}"]
+    process = run_py(*args)
+    wait_for_checkpoint_writes(tmp_path / "checkpoints" / "last.pt", process, writes=2)
+    process.kill()
+    process.wait()
+    resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"resume={tmp_path}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 5
+    steps = [step for step, _ in scalars(tmp_path)["val/acc"]]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()  # the first invocation's record is kept
+    assert list((tmp_path / ".hydra").glob("resumed-*/config.yaml"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_mid_epoch_and_resume_finishes_the_epoch(tmp_path):
+    args = [*TINY, "trainer.epochs=2", "trainer.limit_train_batches=null", "data.images_per_class=400",
+            "trainer.log_every_n_steps=1", f"hydra.run.dir={tmp_path}"]
+    process = run_py(*args)
+    log = tmp_path / "run.log"
+    deadline = time.time() + 240
+    while not (log.exists() and "epoch 1/2" in log.read_text(errors="ignore")):
+        assert process.poll() is None and time.time() < deadline, "the first epoch did not finish"
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the second epoch
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["partial"] and ckpt["partial"]["batches"] > 0
+    resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"resume={tmp_path}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 2
+    assert sorted(step for step, _ in scalars(tmp_path)["val/acc"]) == [1, 2]
+
+
+def test_resume_refuses_to_change_what_the_run_is(tmp_path):
+    base = [*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
+    assert subprocess.run([sys.executable, str(ROOT / "run.py"), *base], cwd=ROOT, capture_output=True).returncode == 0
+    changed = subprocess.run([sys.executable, str(ROOT / "run.py"), *base, "optimizer.lr=0.5", f"resume={tmp_path}"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert changed.returncode != 0 and "optimizer.lr" in changed.stderr and "Traceback" not in changed.stderr
+    missing = subprocess.run([sys.executable, str(ROOT / "run.py"), *base, f"resume={tmp_path / 'nope'}"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and "no checkpoints/last.pt" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_sweep_over_all_eleven_models(tmp_path):
+    models = "b0,b1,b2,b3,b4,b5,b6,b7,v2_s,v2_m,v2_l"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "-m", f"model={models}", *TINY, "trainer.epochs=1", "trainer.limit_train_batches=2",
+         "trainer.limit_val_batches=1", "data.batch_size=4", "trainer.image_grid=false", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1500,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(tmp_path.glob("*/metrics.json"))
+    assert [p.parent.name for p in jobs] == sorted(f"{i}_{m}" for i, m in enumerate(models.split(",")))
+    params = {}
+    for path in jobs:
+        logged = scalars(path.parent)
+        assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr"} <= set(logged)
+        assert (path.parent / "checkpoints" / "last.pt").is_file()
+        params[path.parent.name.split("_", 1)[1]] = json.loads(path.read_text())["params"]
+    assert params["b0"] == 4_012_672 and params["v2_l"] == 117_239_396  # 4-class heads
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "-m", "model.pretrained=/nonexistent.pt,false", *TINY, "trainer.epochs=1",
+         f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0
+    assert "model.pretrained=/nonexistent.pt" in result.stderr and "no such file" in result.stderr
+    assert (tmp_path / "1_b0" / "metrics.json").is_file()
+    assert not (tmp_path / "0_b0" / "metrics.json").exists()
+
+
+def test_rmsprop_tf_matches_tensorflows_update_rule():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = RMSpropTF([p], lr=0.1, alpha=0.9, eps=1e-3, momentum=0.9)
+    ms, mom, value = torch.ones(2), torch.zeros(2), p.detach().clone()
+    for _ in range(3):
+        p.grad = 2 * p.detach().clone()
+        grad = 2 * value
+        ms = 0.9 * ms + 0.1 * grad * grad
+        mom = 0.9 * mom + 0.1 * grad / torch.sqrt(ms + 1e-3)
+        value = value - mom
+        opt.step()
+        assert torch.allclose(p.detach(), value)
+
+
+def test_schedules():
+    cosine = dict(name="cosine", warmup_epochs=1, warmup_start_ratio=0.01, min_lr_ratio=0.01, decay_rate=0.97, decay_epochs=2.4)
+    assert lr_factor(0, 10, 5, cosine) == pytest.approx(0.01)
+    assert lr_factor(5, 10, 5, cosine) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor(10, 10, 5, cosine) == pytest.approx(1.0)
+    assert lr_factor(49, 10, 5, cosine) == pytest.approx(0.01, abs=2e-3)
+    study = dict(cosine, name="study_cosine", warmup_epochs=0)
+    for step in (0, 9, 10, 35):
+        e = step // 10
+        assert lr_factor(step, 10, 5, study) == pytest.approx(((1 + math.cos(math.pi * e / 5)) / 2) * 0.99 + 0.01)
+    decay = dict(cosine, name="step", warmup_epochs=0)
+    assert lr_factor(23, 10, 30, decay) == 1.0 and lr_factor(24, 10, 30, decay) == pytest.approx(0.97)
+    assert lr_factor(100, 10, 30, decay) == pytest.approx(0.97**4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_training_on_gpu(tmp_path, amp):
+    metrics = train(tiny(f"trainer.amp={amp}", "trainer.device=cuda"), tmp_path)
+    assert metrics["precision"] == amp and math.isfinite(metrics["final_train_loss"])
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")
