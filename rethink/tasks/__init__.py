@@ -39,12 +39,11 @@ def hydra_choice(group: str) -> str:
     return str(HydraConfig.get().runtime.choices.get(group, "")) if HydraConfig.initialized() else ""
 
 
-def checkpoint_run_config(state: dict, cfg: DictConfig) -> DictConfig:
+def checkpoint_run_config(state: dict, cfg: DictConfig) -> tuple[DictConfig, list[str]]:
     """The config a checkpoint was trained with, plus what this command line overrides in it
-    (e.g. `data.root=...`, `data=folder`, `trainer.device=cpu`)."""
+    (e.g. `data.root=...`, `data=folder`, `trainer.device=cpu`); and the keys it overrode."""
     saved = config_from_checkpoint(state["config"])
-    merged, _ = apply_overrides(saved, cfg, cli_overrides(), skip=("task", "ckpt", "inputs", "resume"))
-    return merged
+    return apply_overrides(saved, cfg, cli_overrides(), skip=("task", "ckpt", "inputs", "resume"))
 
 
 def write_json(path: Path, data) -> None:

@@ -22,9 +22,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     if not cfg.ckpt:
         raise UserError("task=eval needs ckpt=PATH, a checkpoint such as <run dir>/checkpoints/best.pt")
     state = load_checkpoint(cfg.ckpt)
-    run_cfg = checkpoint_run_config(state, cfg)
+    run_cfg, overridden = checkpoint_run_config(state, cfg)
     classes = list(state["classes"])
-    data = build_data(run_cfg.data, run_cfg.model)
+    data = build_data(run_cfg.data, run_cfg.model, manifest=_run_manifest(cfg.ckpt, overridden))
     if list(data.classes) != classes:
         raise UserError(
             f"data: its classes {data.classes} are not the checkpoint's {classes}; evaluate on data with the same class folders"
@@ -61,6 +61,14 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     print(format_report(report))
     log.info(f"wrote {run_dir / 'eval.json'} and {run_dir / 'confusion_matrix.png'}")
     return report
+
+
+def _run_manifest(ckpt, overridden: list[str]) -> Path | None:
+    """The training run's own splits.csv (beside its checkpoints/), unless the command line chose
+    other data: then the split is that data's own."""
+    manifest = Path(str(ckpt)).expanduser().resolve().parent.parent / "splits.csv"
+    other_data = any(k == "data" or k.startswith(("data.name", "data.split")) for k in overridden)
+    return manifest if manifest.is_file() and not other_data else None
 
 
 def format_report(report: dict) -> str:

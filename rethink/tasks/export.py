@@ -20,7 +20,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
     if not cfg.ckpt:
         raise UserError("task=export needs ckpt=PATH, a checkpoint such as <run dir>/checkpoints/best.pt")
     state = load_checkpoint(cfg.ckpt)
-    run_cfg = checkpoint_run_config(state, cfg)
+    run_cfg, _ = checkpoint_run_config(state, cfg)
     model = model_from_checkpoint(state, use_ema=cfg.eval.ema)
     size = run_cfg.model.eval_size
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if not cfg.ckpt or not cfg.inputs:
         raise UserError("task=predict needs ckpt=PATH (a checkpoint) and inputs=PATH (an image, a folder or a glob)")
     state = load_checkpoint(cfg.ckpt)
-    run_cfg = checkpoint_run_config(state, cfg)
+    run_cfg, _ = checkpoint_run_config(state, cfg)
     classes = list(state["classes"])
     topk = min(cfg.predict.topk, len(classes))
     if topk < 1:
@@ -60,6 +60,7 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if not rows:
         raise UserError(f"inputs={cfg.inputs}: none of the {len(files)} matching files is a readable image")
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_predictions(run_dir / "predictions.csv", rows, topk)
     for row in rows:
         tops = "  ".join(f"{c} {p:.3f}" for c, p in zip(row["classes"], row["probs"]))
