@@ -64,7 +64,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs}: must be at least 1")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return fit(cfg, run_dir, state, layout=hydra_choice("stages"))
+    metrics = fit(cfg, run_dir, state, layout=hydra_choice("stages"))
+    print(f"test acc {metrics['test_acc']:.4f} (best val acc {metrics['best_val_acc']:.4f} at epoch {metrics['best_epoch']})")
+    print(f"run directory: {run_dir}")
+    return metrics
 
 
 def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: str = "") -> dict:
