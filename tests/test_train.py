@@ -171,27 +171,32 @@ def test_resume_after_kill_9_ends_at_the_asked_epochs_with_one_point_per_epoch(t
     assert list((tmp_path / ".hydra").glob("resumed-*/config.yaml"))
 
 
-@pytest.mark.slow
-def test_sigterm_saves_mid_epoch_and_resume_finishes_the_epoch(tmp_path):
-    args = [*TINY, "trainer.epochs=2", "trainer.limit_train_batches=null", "data.images_per_class=400",
-            "trainer.log_every_n_steps=1", f"hydra.run.dir={tmp_path}"]
-    process = run_py(*args)
-    log = tmp_path / "run.log"
-    deadline = time.time() + 240
-    while not (log.exists() and "epoch 1/2" in log.read_text(errors="ignore")):
-        assert process.poll() is None and time.time() < deadline, "the first epoch did not finish"
-        time.sleep(0.05)
-    time.sleep(1.0)  # into the second epoch
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+def test_sigterm_saves_mid_epoch_and_resume_finishes_the_epoch(tmp_path, monkeypatch):
+    import rethink.train.loop as loop
+
+    real_step, steps = loop.Learner.step, {"n": 0}
+
+    def step_then_signal(self, images, labels):
+        steps["n"] += 1
+        if steps["n"] == 6:  # the second of epoch 2's four batches
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, images, labels)
+
+    monkeypatch.setattr(loop.Learner, "step", step_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        train(tiny("trainer.epochs=3"), tmp_path)
+    assert stopped.value.code == 128 + signal.SIGTERM
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert ckpt["epoch"] == 1 and ckpt["partial"] and ckpt["partial"]["batches"] > 0
-    resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"resume={tmp_path}"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 2
-    assert sorted(step for step, _ in scalars(tmp_path)["val/acc"]) == [1, 2]
+    assert ckpt["epoch"] == 1 and ckpt["partial"]["batches"] == 2
+    assert ckpt["scheduler"]["last_epoch"] == 6
+    monkeypatch.setattr(loop.Learner, "step", real_step)
+    train(tiny("trainer.epochs=3", f"resume={tmp_path}"), tmp_path / "ignored")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 3
+    assert sorted(step for step, _ in scalars(tmp_path)["val/acc"]) == [1, 2, 3]
+    history = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["history"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 12  # 3 epochs x 4 steps, none repeated
+    assert [round(r["epoch"]) for r in history] == [1, 2, 3]
 
 
 def test_resume_refuses_to_change_what_the_run_is(tmp_path):
