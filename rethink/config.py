@@ -79,8 +79,7 @@ class SchedulerName(Enum):
     constant = "constant"
 
 
-class Split(Enum):
-    train = "train"
+class EvalSplit(Enum):  # the train split is augmented: scoring it would measure the augmentation
     val = "val"
     test = "test"
 
@@ -185,7 +184,7 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    split: Split = Split.test
+    split: EvalSplit = EvalSplit.test
     ema: bool = True  # use the checkpoint's EMA weights when it has them
 
 
@@ -241,6 +240,62 @@ def plain(node: Any) -> Any:
     return node
 
 
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_NULL_OR_AT_LEAST_1 = (lambda v: v is None or v >= 1, "null or at least 1")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+_POSITIVE = (lambda v: v > 0, "positive")
+_NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+
+# Ranges the schema's types cannot express (the block spec checks its own keys in models/spec.py).
+RANGES = {
+    "seed": (lambda v: v >= 0, "0 or more"),
+    "model.train_size": (lambda v: v >= 8, "at least 8 (pixels)"),
+    "model.eval_size": (lambda v: v >= 8, "at least 8 (pixels)"),
+    "model.dropout": _FRACTION,
+    "data.batch_size": _AT_LEAST_1,
+    "data.num_workers": (lambda v: v is None or v >= 0, "null (min(8, CPUs)) or 0 or more"),
+    "data.mixup_alpha": _NOT_NEGATIVE,
+    "data.cutmix_alpha": _NOT_NEGATIVE,
+    "data.crop_pct": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "data.num_classes": (lambda v: v >= 2, "at least 2"),
+    "data.images_per_class": _AT_LEAST_1,
+    "data.image_size": (lambda v: v >= 8, "at least 8 (pixels)"),
+    "optimizer.lr": _POSITIVE,
+    "optimizer.momentum": _FRACTION,
+    "optimizer.weight_decay": _NOT_NEGATIVE,
+    "optimizer.alpha": _FRACTION,
+    "optimizer.eps": _POSITIVE,
+    "scheduler.warmup_epochs": _NOT_NEGATIVE,
+    "scheduler.warmup_start_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "scheduler.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "scheduler.decay_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "scheduler.decay_epochs": _POSITIVE,
+    "trainer.epochs": _AT_LEAST_1,
+    "trainer.grad_clip": (lambda v: v is None or v > 0, "null (off) or positive"),
+    "trainer.label_smoothing": _FRACTION,
+    "trainer.ema_decay": _FRACTION,
+    "trainer.limit_train_batches": _NULL_OR_AT_LEAST_1,
+    "trainer.limit_val_batches": _NULL_OR_AT_LEAST_1,
+    "trainer.log_every_n_steps": _AT_LEAST_1,
+    "predict.topk": _AT_LEAST_1,
+    "predict.batch_size": _AT_LEAST_1,
+    "export.batch_size": _AT_LEAST_1,
+    "export.atol": _POSITIVE,
+    "summary.num_classes": _AT_LEAST_1,
+    "benchmark.images": _AT_LEAST_1,
+    "benchmark.warmup": _NOT_NEGATIVE,
+    "benchmark.threads": _AT_LEAST_1,
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every key of RANGES within its range, or a UserError that names the first one that is not."""
+    for key, (ok, allowed) in RANGES.items():
+        setting = OmegaConf.select(cfg, key)
+        if not ok(setting):
+            raise UserError(f"{key}={setting}: must be {allowed}")
+
+
 def config_from_checkpoint(saved: dict) -> DictConfig:
     """A saved run's config (plain dict) as a typed config again."""
     return OmegaConf.merge(OmegaConf.structured(RethinkConfig), saved)
@@ -269,10 +324,35 @@ def apply_overrides(base: DictConfig, current: DictConfig, overrides: Sequence[s
 def register_configs() -> None:
     """Make the schema and the resolvers available to conf/config.yaml (run.py calls this first)."""
     ConfigStore.instance().store(name="rethink_schema", node=RethinkConfig)
-    # ${rethink.if_null:X,A,B}: A when X is null, else B (a resumed run keeps its own directory)
-    OmegaConf.register_new_resolver("rethink.if_null", lambda x, a, b: a if x is None else b, replace=True)
-    # ${rethink.value:${task}}: an enum key as its plain value ("train", not "Task.train")
-    OmegaConf.register_new_resolver("rethink.value", lambda x: getattr(x, "value", x), replace=True)
+    OmegaConf.register_new_resolver("rethink.value", value, replace=True)
+    OmegaConf.register_new_resolver("rethink.run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("rethink.record_dir", record_dir, replace=True)
+
+
+def value(option: Any) -> Any:
+    """An enum config value as its plain value ("train", not "Task.train"); anything else as it is."""
+    return getattr(option, "value", option)
+
+
+def run_dir(resume: Optional[str], default: str) -> str:
+    """hydra.run.dir: a resumed run continues in its own directory (which must hold a checkpoint,
+    checked before Hydra creates or writes anything); any other run gets `default`."""
+    if resume is None:
+        return default
+    if not (Path(str(resume)).expanduser() / "checkpoints" / "last.pt").is_file():
+        raise UserError(f"resume={resume}: no checkpoints/last.pt there; pass the directory of a run that saved a checkpoint")
+    return str(Path(str(resume)).expanduser())
+
+
+def record_dir(resume: Optional[str], task: Any, output_dir: str, now: str) -> str:
+    """hydra.output_subdir, where Hydra records the config: `.hydra`, or `.hydra/resumed-<now>` when
+    resuming, so that the run's first record is kept. Refuses to train into a directory that already
+    holds a run (before Hydra overwrites that run's record)."""
+    if resume is not None:
+        return f".hydra/resumed-{now}"
+    if value(task) == "train" and (Path(output_dir) / "checkpoints" / "last.pt").exists():
+        raise UserError(f"{output_dir} already holds a run; continue it with resume={output_dir}, or choose another hydra.run.dir")
+    return ".hydra"
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

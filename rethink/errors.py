@@ -7,7 +7,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from hydra.errors import CompactHydraException, HydraException, MissingConfigException
+from hydra.errors import CompactHydraException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -29,9 +29,19 @@ def one_line_errors(argv: Sequence[str]) -> Iterator[None]:
     except (HydraException, OmegaConfBaseException) as e:
         print(f"error: {explain(e, argv)}", file=sys.stderr)
         sys.exit(1)
+    except TypeError as e:  # OmegaConf raises some override mistakes (model.stages.x.block=...) as TypeError
+        if not _raised_in(e, "omegaconf"):
+            raise
+        print(f"error: {_override_for(e, argv)}{e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def explain(exc: BaseException, argv: Sequence[str] = ()) -> str:
+    user_error = _find(exc, UserError)
+    if user_error is not None:  # raised by a resolver while the config was resolved
+        return str(user_error)
+    if isinstance(exc, OverrideParseException):
+        return f"{exc.override}: {_first_line(exc.message)} (see https://hydra.cc/docs/advanced/override_grammar/basic)"
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, choice = str(exc.missing_cfg_file).rpartition("/")
         if exc.options:
@@ -52,6 +62,33 @@ def explain(exc: BaseException, argv: Sequence[str] = ()) -> str:
         keys = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
         message += f"; allowed keys: {keys}"
     return f"{where}: {message}" if where else message
+
+
+def _find(exc: BaseException, kind: type) -> BaseException | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _raised_in(exc: BaseException, package: str) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith(package + ".")
+
+
+def _override_for(exc: BaseException, argv: Sequence[str]) -> str:
+    """The command-line override an OmegaConf error is about ('' when it cannot tell)."""
+    text = str(exc)
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" in arg and any(part and part in text for part in key.split(".")):
+            return f"{arg}: "
+    return ""
 
 
 def _override_in(message: str) -> str:

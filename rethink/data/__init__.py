@@ -181,4 +181,11 @@ def _tensor_bundle(classes: list[str], images: torch.Tensor, labels: list[int], 
 
 
 def _log_sizes(bundle: DataBundle, where) -> None:
+    """Log the sizes; an empty split is an error (a run would pick and score its model on nothing)."""
     log.info(f"data: {len(bundle.classes)} classes, {len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test images ({where})")
+    for split in SPLITS:
+        if len(getattr(bundle, split)) == 0:
+            raise UserError(
+                f"data: the {split} split is empty ({len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test "
+                f"images); use more images per class, or a larger {split} fraction in data.split=[train,val,test]"
+            )

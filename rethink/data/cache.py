@@ -11,12 +11,12 @@ import io
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_bytes
 from .images import load_image
 
 log = logging.getLogger("rethink")
@@ -24,22 +24,10 @@ log = logging.getLogger("rethink")
 _reported_failures: set[Path] = set()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def try_atomic_write(path: Path, data: bytes, what: str, cache_root: Path) -> bool:
     """atomic_write, but a failure is a warning (once per cache folder and process), not an error."""
     try:
-        atomic_write(path, data)
+        atomic_write_bytes(path, data)
         return True
     except OSError as e:
         if cache_root not in _reported_failures:

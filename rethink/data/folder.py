@@ -36,16 +36,16 @@ def list_folder(root: Path) -> Listing:
     if not split_folders:
         return _list_classes(root, "", split=None)
     others = [f for f in folders if f not in split_folders]
-    if "train" not in split_folders or others:
+    splits = [SPLIT_FOLDERS[f.lower()] for f in split_folders]
+    if "train" not in splits or others:
         raise UserError(
             f"data.root={root}: holds {', '.join(f + '/' for f in folders)}; give either one folder per class, "
             "or train/ (required), val/ and test/ folders that each hold one folder per class"
         )
-    splits = [SPLIT_FOLDERS[f.lower()] for f in split_folders]
     duplicate = next((s for s in splits if splits.count(s) > 1), None)
     if duplicate:
         raise UserError(f"data.root={root}: more than one folder means {duplicate} ({', '.join(f for f, s in zip(split_folders, splits) if s == duplicate)})")
-    train = _list_classes(root, "train", split="train")
+    train = _list_classes(root, split_folders[splits.index("train")], split="train")
     parts = [train] + [
         _list_classes(root, folder, split=split, known=train.classes)
         for folder, split in zip(split_folders, splits)

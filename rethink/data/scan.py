@@ -27,8 +27,13 @@ class ScanResult:
 
 def scan_images(folder: Path, relpaths: list[str], cache_root: Path) -> ScanResult:
     records = ScanRecords(cache_root, folder)
-    stats = {rel: os.stat(folder / rel) for rel in relpaths}
-    found = {rel: records.get(rel, stats[rel]) for rel in relpaths}
+    stats, found = {}, {}
+    for rel in relpaths:
+        try:
+            stats[rel] = os.stat(folder / rel)
+            found[rel] = records.get(rel, stats[rel])
+        except OSError as e:  # a dangling link, a file gone since the listing
+            found[rel] = (None, f"cannot read: {e.strerror or e}")
     unknown = [rel for rel, result in found.items() if result is None]
     if unknown:
         log.info(f"checking {len(unknown)} images in {folder} (once; remembered in {records.file.parent})")

@@ -18,6 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ..data.locations import downloads_allowed
 from ..errors import UserError
 
 _BLOCK_KEY = re.compile(r"features\.(\d+)\.(\d+)\.block\.(\d+)\.(.+)")
@@ -152,7 +153,7 @@ def fetch_torchvision_weights(name: str) -> tuple[dict, list[float], list[float]
         raise UserError(f"model.torchvision_weights={name}: not a torchvision weights name (e.g. EfficientNet_B0_Weights.IMAGENET1K_V1)") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     hint = f"copy {cached.name} into {cached.parent}, or pass model.pretrained=PATH to a state_dict file"
-    if not cached.is_file() and os.environ.get("RETHINK_NO_DOWNLOAD") == "1":
+    if not cached.is_file() and not downloads_allowed():
         raise UserError(f"model.pretrained=true: {name} is not in the torch hub cache and downloads are off (RETHINK_NO_DOWNLOAD=1); {hint}")
     try:
         state_dict = weights.get_state_dict(progress=True, check_hash=True)

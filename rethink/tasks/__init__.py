@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -10,7 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ..config import apply_overrides, config_from_checkpoint
+from ..atomic import atomic_write_text
+from ..config import apply_overrides, config_from_checkpoint, validate, value
 from ..errors import UserError
 
 log = logging.getLogger("rethink")
@@ -47,11 +47,7 @@ def checkpoint_run_config(state: dict, cfg: DictConfig) -> tuple[DictConfig, lis
 
 
 def write_json(path: Path, data) -> None:
-    """Write atomically, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def run_task(cfg: DictConfig):
@@ -59,14 +55,15 @@ def run_task(cfg: DictConfig):
     message and exit status 1; in a sweep it fails that job only (Hydra runs the others, then reports)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    task = cfg.task.value if hasattr(cfg.task, "value") else str(cfg.task)
+    task = value(cfg.task)
     try:
+        validate(cfg)
         return _tasks()[task](cfg, run_dir)
     except UserError as e:
         log.error(f"error: {e}")
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise
         sys.exit(1)
-    except Exception:
-        log.exception(f"task={task} failed in {run_dir}")
+    except Exception as e:
+        log.error(f"task={task} failed in {run_dir}: {e!r}")  # the traceback follows from Hydra
         raise

@@ -9,7 +9,6 @@ data set (cache warmed first; `benchmark.warmup` untimed samples each). In-memor
 (synthetic, cifar) have no files: photo-like 500x375 JPEGs are written to a temporary folder instead.
 """
 
-import json
 import logging
 import platform
 import tempfile
@@ -27,6 +26,7 @@ from ..data import build_data, normalize
 from ..data.datasets import FileImages
 from ..data.loaders import SeededSampler
 from ..errors import UserError
+from . import write_json
 
 log = logging.getLogger("rethink")
 
@@ -36,9 +36,34 @@ PHOTO_SIZE = (500, 375)  # a typical tf_flowers photo
 
 def benchmark(cfg: DictConfig, run_dir: Path) -> dict:
     b = cfg.benchmark
-    if b.images < 1 or b.warmup < 0 or b.threads < 1:
-        raise UserError(f"benchmark: images={b.images}, warmup={b.warmup}, threads={b.threads}; want images >= 1, warmup >= 0, threads >= 1")
+    threads = torch.get_num_threads()
     torch.set_num_threads(b.threads)
+    try:
+        rates, source, cache_side = _measure(cfg)
+    finally:
+        torch.set_num_threads(threads)  # the rest of the process (a sweep's next job) keeps its threads
+    result = {
+        "data": source,
+        "images": b.images,
+        "warmup": b.warmup,
+        "threads": b.threads,
+        "batch_size": cfg.data.batch_size,
+        "train_size": cfg.model.train_size,
+        "cache_side": cache_side,
+        "cpu": cpu_model(),
+        "samples_per_s": {name: round(rate, 1) for name, rate in rates.items()},
+        "ratio_cached_vs_reference": round(rates["cached"] / rates["reference"], 2),
+        "ratio_cached_cpu_normalize_vs_reference": round(rates["cached_cpu_normalize"] / rates["reference"], 2),
+    }
+    print(format_benchmark(result))
+    write_json(run_dir / "benchmark.json", result)
+    log.info(f"wrote {run_dir / 'benchmark.json'}")
+    return result
+
+
+def _measure(cfg: DictConfig) -> tuple[dict, str, int]:
+    """Samples per second of each pipeline, what data they ran on, and the cache's image size."""
+    b = cfg.benchmark
     with tempfile.TemporaryDirectory(prefix="rethink-benchmark-") as tmp:
         data_cfg, source = _file_data(cfg.data, Path(tmp), b.images + b.warmup)
         train = build_data(data_cfg, cfg.model).train
@@ -55,24 +80,7 @@ def benchmark(cfg: DictConfig, run_dir: Path) -> dict:
             "cached": _samples_per_s(train, keys, b.warmup, cfg.data.batch_size),
             "cached_cpu_normalize": _samples_per_s(with_cpu_normalize, keys, b.warmup, cfg.data.batch_size),
         }
-    result = {
-        "data": source,
-        "images": b.images,
-        "warmup": b.warmup,
-        "threads": b.threads,
-        "batch_size": cfg.data.batch_size,
-        "train_size": cfg.model.train_size,
-        "cache_side": train.cache.shorter_side,
-        "cpu": cpu_model(),
-        "samples_per_s": {name: round(rate, 1) for name, rate in rates.items()},
-        "ratio_cached_vs_reference": round(rates["cached"] / rates["reference"], 2),
-        "ratio_cached_cpu_normalize_vs_reference": round(rates["cached_cpu_normalize"] / rates["reference"], 2),
-    }
-    print(format_benchmark(result))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info(f"wrote {run_dir / 'benchmark.json'}")
-    return result
+        return rates, source, train.cache.shorter_side
 
 
 def format_benchmark(result: dict) -> str:

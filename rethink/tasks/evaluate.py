@@ -4,6 +4,7 @@ scores and the confusion matrix, rebuilt from the checkpoint alone."""
 import logging
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 from omegaconf import DictConfig
 
@@ -58,6 +59,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     write_json(run_dir / "eval.json", report)
     figure = confusion_figure(result.confusion, classes, f"{split} split, {result.images} images, acc {result.acc:.4f}")
     figure.savefig(run_dir / "confusion_matrix.png", dpi=120)
+    plt.close(figure)
     print(format_report(report))
     log.info(f"wrote {run_dir / 'eval.json'} and {run_dir / 'confusion_matrix.png'}")
     return report
@@ -66,7 +68,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
 def _run_manifest(ckpt, overridden: list[str]) -> Path | None:
     """The training run's own splits.csv (beside its checkpoints/), unless the command line chose
     other data: then the split is that data's own."""
-    manifest = Path(str(ckpt)).expanduser().resolve().parent.parent / "splits.csv"
+    path = Path(str(ckpt)).expanduser().resolve()
+    manifest = (path if path.is_dir() else path.parent.parent) / "splits.csv"
     other_data = any(k == "data" or k.startswith(("data.name", "data.split")) for k in overridden)
     return manifest if manifest.is_file() and not other_data else None
 

@@ -61,8 +61,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         cfg, run_dir, state = _resume(cfg)
     elif (run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with resume={run_dir}, or choose another hydra.run.dir")
-    if cfg.trainer.epochs < 1:
-        raise UserError(f"trainer.epochs={cfg.trainer.epochs}: must be at least 1")
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = fit(cfg, run_dir, state, layout=hydra_choice("stages"))
     print(f"test acc {metrics['test_acc']:.4f} (best val acc {metrics['best_val_acc']:.4f} at epoch {metrics['best_epoch']})")

@@ -2,19 +2,20 @@
 
 A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts), so `torch.load(weights_only=True)`
 reads it and a file from an untrusted source cannot run code:
-    format, version, model, ema (or None), optimizer, scheduler, scaler (or None),
-    epoch (completed epochs), batches_done (in the next epoch, after an interrupt), global_step,
-    best_val_acc, best_epoch, history, config (the resolved run config), classes.
+    format, version, model, ema (or None), ema_updates, optimizer, scheduler, scaler (or None),
+    epoch (completed epochs), partial (the running totals of an epoch cut short by a signal, or None),
+    steps_per_epoch, best_val_acc, best_epoch, train_time_s, train_images, history,
+    config (the resolved run config), classes.
 """
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_write
 from ..errors import UserError
 
 FORMAT = "rethink-checkpoint"
@@ -22,19 +23,8 @@ VERSION = 1
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`: a crash or kill
-    leaves either the old checkpoint or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically, and flushed to the disk: a crash leaves the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f), durable=True)
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:

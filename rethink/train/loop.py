@@ -1,5 +1,6 @@
 """The training step, one epoch of training, and evaluation."""
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -126,7 +127,8 @@ def train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     nonfinite = torch.zeros((), device=device, dtype=torch.int64)
     images, window_start, start = 0, totals.batches, time.perf_counter()
-    bar = tqdm(total=num_batches, initial=totals.batches, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=num_batches, initial=totals.batches, desc=description, disable=not progress, leave=False,
+               dynamic_ncols=True, file=sys.stdout)
     try:
         for images_u8, labels in batches:
             if totals.batches >= num_batches:

@@ -77,9 +77,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # set either way: a sweep's next job
+    torch.backends.cudnn.deterministic = deterministic  # must not inherit it
 
 
 def reset_memory_stats(device: torch.device) -> None:

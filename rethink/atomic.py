@@ -1,0 +1,37 @@
+"""Files written atomically: to a temporary file beside the target, then renamed over it, so a crash
+or a kill leaves the old file or the new one, never half of one, and readers never see a partial file."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool = False) -> None:
+    """`write(f)` fills the file; `durable` also flushes it to the disk before the rename (for
+    checkpoints, not for cache entries). The file gets the usual permissions (0666 less the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
