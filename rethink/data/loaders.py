@@ -21,18 +21,19 @@ class SeededSampler(Sampler):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self.start = 0  # samples of the epoch to leave out: those a resumed epoch already trained on
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.size
+        return self.size - self.start
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed & (2**63 - 1), self.epoch])
         order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         sample_seeds = rng.integers(0, 2**63 - 1, size=self.size)
-        return iter(zip(order.tolist(), sample_seeds.tolist()))
+        return iter(list(zip(order.tolist(), sample_seeds.tolist()))[self.start :])
 
 
 def default_num_workers() -> int:
@@ -62,12 +63,13 @@ def make_loader(dataset: Dataset, data_cfg, *, train: bool, seed: int, pin_memor
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Make `loader` produce epoch `epoch`'s order and augmentation (call it before each epoch)."""
+def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Make `loader` produce epoch `epoch`'s order and augmentation (call it before each epoch), from
+    batch `start_batch` on (a resumed epoch continues with exactly the batches it had not trained on)."""
     sampler = getattr(loader, "sampler", None)
     if not hasattr(sampler, "set_epoch"):
         raise TypeError("set_epoch needs a loader made by rethink.data.make_loader")
-    sampler.set_epoch(epoch)
+    sampler.set_epoch(epoch, start_batch * loader.batch_size)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -3,15 +3,20 @@
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import atomic_write_text
 from ..config import apply_overrides, config_from_checkpoint, validate, value
 from ..errors import UserError
+from ..train.checkpoint import model_from_checkpoint
+from ..train.loop import Inputs
+from ..train.runtime import Precision, resolve_device, resolve_precision
 
 log = logging.getLogger("rethink")
 
@@ -44,6 +49,33 @@ def checkpoint_run_config(state: dict, cfg: DictConfig) -> tuple[DictConfig, lis
     (e.g. `data.root=...`, `data=folder`, `trainer.device=cpu`); and the keys it overrode."""
     saved = config_from_checkpoint(state["config"])
     return apply_overrides(saved, cfg, cli_overrides(), skip=("task", "ckpt", "inputs", "resume"))
+
+
+@dataclass
+class Restored:
+    """A checkpoint made ready for inference (task=eval, task=predict)."""
+
+    config: DictConfig  # the checkpoint's config, with this command line's overrides
+    overridden: list[str]
+    model: torch.nn.Module  # on its device, in eval mode
+    inputs: Inputs
+    precision: Precision
+
+
+def restore(state: dict, cfg: DictConfig, use_ema: bool) -> Restored:
+    """Device and precision are this machine's (`trainer.device`/`trainer.amp` of this command line,
+    `auto` by default), not those of the machine that trained."""
+    run_cfg, overridden = checkpoint_run_config(state, cfg)
+    for key in ("trainer.device", "trainer.amp"):
+        if key not in overridden:
+            OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key))
+    device = resolve_device(run_cfg.trainer.device)
+    precision = resolve_precision(value(run_cfg.trainer.amp), device)
+    model = model_from_checkpoint(state, use_ema=use_ema).to(device)
+    if run_cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    inputs = Inputs(device, tuple(run_cfg.model.mean), tuple(run_cfg.model.std), run_cfg.trainer.channels_last)
+    return Restored(run_cfg, overridden, model, inputs, precision)
 
 
 def write_json(path: Path, data) -> None:

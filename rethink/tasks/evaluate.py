@@ -5,16 +5,14 @@ import logging
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 from omegaconf import DictConfig
 
 from ..data import build_data, make_loader
 from ..errors import UserError
-from ..train.checkpoint import load_checkpoint, model_from_checkpoint
-from ..train.loop import Inputs, evaluate as run_evaluation
+from ..train.checkpoint import load_checkpoint
+from ..train.loop import evaluate as run_evaluation
 from ..train.metrics import confusion_figure, per_class_scores
-from ..train.runtime import resolve_device, resolve_precision
-from . import checkpoint_run_config, write_json
+from . import restore, write_json
 
 log = logging.getLogger("rethink")
 
@@ -23,23 +21,18 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     if not cfg.ckpt:
         raise UserError("task=eval needs ckpt=PATH, a checkpoint such as <run dir>/checkpoints/best.pt")
     state = load_checkpoint(cfg.ckpt)
-    run_cfg, overridden = checkpoint_run_config(state, cfg)
+    restored = restore(state, cfg, use_ema=cfg.eval.ema)
+    run_cfg = restored.config
     classes = list(state["classes"])
-    data = build_data(run_cfg.data, run_cfg.model, manifest=_run_manifest(cfg.ckpt, overridden))
+    data = build_data(run_cfg.data, run_cfg.model, manifest=_run_manifest(cfg.ckpt, restored.overridden))
     if list(data.classes) != classes:
         raise UserError(
             f"data: its classes {data.classes} are not the checkpoint's {classes}; evaluate on data with the same class folders"
         )
     split = cfg.eval.split.value
-    device = resolve_device(run_cfg.trainer.device)
-    precision = resolve_precision(run_cfg.trainer.amp.value, device)
-    model = model_from_checkpoint(state, use_ema=cfg.eval.ema).to(device)
-    channels_last = run_cfg.trainer.channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    loader = make_loader(getattr(data, split), run_cfg.data, train=False, seed=run_cfg.seed, pin_memory=device.type == "cuda")
-    inputs = Inputs(device, tuple(run_cfg.model.mean), tuple(run_cfg.model.std), channels_last)
-    result = run_evaluation(model, loader, inputs, precision, len(classes))
+    loader = make_loader(getattr(data, split), run_cfg.data, train=False, seed=run_cfg.seed,
+                         pin_memory=restored.inputs.device.type == "cuda")
+    result = run_evaluation(restored.model, loader, restored.inputs, restored.precision, len(classes))
     scores = per_class_scores(result.confusion, classes)
     used_ema = bool(cfg.eval.ema and state.get("ema"))
     report = {

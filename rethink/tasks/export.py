@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ..data.transforms import eval_resize
 from ..errors import UserError
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 from . import checkpoint_run_config, write_json
@@ -24,7 +25,8 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
     model = model_from_checkpoint(state, use_ema=cfg.eval.ema)
     size = run_cfg.model.eval_size
     torch.manual_seed(0)
-    sample = torch.randn(cfg.export.batch_size, 3, size, size)
+    # a batch of at least 2 to trace with: torch.export would specialise a batch of 1 to a fixed size
+    sample = torch.randn(max(2, cfg.export.batch_size), 3, size, size)
     with torch.no_grad():
         expected = model(sample)
 
@@ -54,7 +56,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
 
     preprocess = {
         "input": "float32 NCHW RGB, values scaled to [0, 1], then (x - mean) / std",
-        "resize": round(size / run_cfg.data.crop_pct),
+        "resize": eval_resize(run_cfg.model, run_cfg.data),
         "crop": size,
         "interpolation": "bilinear, antialiased",
         "mean": list(run_cfg.model.mean),
@@ -67,7 +69,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
     report = {"checkpoint": str(cfg.ckpt), "files": sorted(checks), "max_abs_diff": checks, "atol": cfg.export.atol, "ok": not failed}
     write_json(run_dir / "export.json", report)
     for name, diff in checks.items():
-        print(f"{run_dir / name}: " + ("not checked" if diff is None else f"max |difference| {diff:.2e} on a batch of {cfg.export.batch_size}"))
+        print(f"{run_dir / name}: " + ("not checked" if diff is None else f"max |difference| {diff:.2e} on a batch of {len(sample)}"))
     if failed:
         raise UserError(f"export: outputs differ from the PyTorch model beyond export.atol={cfg.export.atol}: {failed}")
     return report

@@ -12,10 +12,8 @@ from omegaconf import DictConfig
 
 from ..data import eval_transform, load_image
 from ..errors import UserError
-from ..train.checkpoint import load_checkpoint, model_from_checkpoint
-from ..train.loop import Inputs
-from ..train.runtime import resolve_device, resolve_precision
-from . import checkpoint_run_config
+from ..train.checkpoint import load_checkpoint
+from . import restore
 
 log = logging.getLogger("rethink")
 
@@ -24,17 +22,11 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if not cfg.ckpt or not cfg.inputs:
         raise UserError("task=predict needs ckpt=PATH (a checkpoint) and inputs=PATH (an image, a folder or a glob)")
     state = load_checkpoint(cfg.ckpt)
-    run_cfg, _ = checkpoint_run_config(state, cfg)
+    restored = restore(state, cfg, use_ema=cfg.eval.ema)
     classes = list(state["classes"])
     topk = min(cfg.predict.topk, len(classes))
-    if topk < 1:
-        raise UserError(f"predict.topk={cfg.predict.topk}: must be at least 1")
     files = find_inputs(str(cfg.inputs))
-    device = resolve_device(run_cfg.trainer.device)
-    precision = resolve_precision(run_cfg.trainer.amp.value, device)
-    model = model_from_checkpoint(state, use_ema=cfg.eval.ema).to(device)
-    inputs = Inputs(device, tuple(run_cfg.model.mean), tuple(run_cfg.model.std), channels_last=False)
-    transform = eval_transform(run_cfg.model, run_cfg.data)
+    transform = eval_transform(restored.config.model, restored.config.data)
 
     rows, skipped, shown = [], [], []
     for start in range(0, len(files), cfg.predict.batch_size):
@@ -48,8 +40,8 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
         if not batch:
             continue
         images = torch.stack(batch)
-        with torch.no_grad(), precision.autocast():
-            probs = model(inputs(images)).float().softmax(1).cpu()
+        with torch.no_grad(), restored.precision.autocast():
+            probs = restored.model(restored.inputs(images)).float().softmax(1).cpu()
         top_p, top_i = probs.topk(topk, dim=1)
         for path, image, p, i in zip(paths, images, top_p, top_i):
             rows.append({"path": str(path), "classes": [classes[j] for j in i.tolist()], "probs": p.tolist()})

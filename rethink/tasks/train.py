@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
-from ..config import apply_overrides, config_from_checkpoint, plain
+from ..config import config_from_checkpoint, plain
 from ..data import build_data, make_loader, set_epoch
 from ..data.transforms import batch_mixer
 from ..errors import UserError
@@ -30,7 +30,7 @@ from ..train.metrics import confusion_figure
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.runtime import StopSignals, peak_memory_mb, reset_memory_stats, resolve_device, resolve_precision, seed_everything
 from ..train.tensorboard import log_session_end, log_session_start, open_writer
-from . import cli_overrides, hydra_choice, write_json
+from . import checkpoint_run_config, hydra_choice, write_json
 
 log = logging.getLogger("rethink")
 
@@ -77,8 +77,14 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
     reset_memory_stats(device)
 
-    data = build_data(cfg.data, cfg.model)
-    data.write_run_files(run_dir)
+    if resumed is None:
+        data = build_data(cfg.data, cfg.model)
+        data.write_run_files(run_dir)
+    else:  # the run's own split, even if files were added to the data set since
+        manifest = run_dir / "splits.csv"
+        data = build_data(cfg.data, cfg.model, manifest=manifest if manifest.is_file() else None)
+        if list(data.classes) != list(resumed["classes"]):
+            raise UserError(f"resume={run_dir}: the data's classes {data.classes} are not the run's {resumed['classes']}")
     classes = data.classes
     model = build_model(cfg.model, len(classes))
     if resumed is None and cfg.model.pretrained not in (False, None):
@@ -102,6 +108,11 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     train_loader = make_loader(data.train, cfg.data, train=True, seed=cfg.seed, pin_memory=pin)
     val_loader = make_loader(data.val, cfg.data, train=False, seed=cfg.seed, pin_memory=pin)
     steps = len(train_loader) if t.limit_train_batches is None else min(len(train_loader), t.limit_train_batches)
+    if resumed and resumed.get("steps_per_epoch", steps) != steps:
+        raise UserError(
+            f"resume={run_dir}: an epoch now has {steps} steps, the run had {resumed['steps_per_epoch']}; "
+            "the data or data.batch_size changed, and the run cannot go on as it was"
+        )
     optimizer = build_optimizer(model, plain(cfg.optimizer))
     scheduler = build_scheduler(optimizer, steps, t.epochs, plain(cfg.scheduler))
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
@@ -141,6 +152,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict() if scaler is not None else None,
+                steps_per_epoch=steps,
                 config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
                 classes=list(classes),
                 **asdict(progress),
@@ -150,9 +162,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             for epoch in range(progress.epoch + 1, t.epochs + 1):
                 torch.manual_seed(_epoch_seed(cfg.seed, epoch))
                 totals = EpochTotals(**progress.partial) if progress.partial else EpochTotals()
-                set_epoch(train_loader, epoch)
-                # after an interrupt, the epoch goes on where it stopped (the order is fixed per epoch)
-                batches = islice(train_loader, totals.batches, steps)
+                set_epoch(train_loader, epoch, start_batch=totals.batches)  # after an interrupt: where it stopped
+                batches = islice(train_loader, steps - totals.batches)
                 try:
                     totals = train_epoch(
                         learner, batches, steps, totals,
@@ -235,6 +246,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         writer.close()
         # a failed job's traceback keeps this frame alive in a sweep: let go of the big objects now
         del train_loader, val_loader, learner, forward, ema, optimizer, model
+        if t.compile:
+            torch._dynamo.reset()  # or the next job of a sweep may hit the recompile limit and run uncompiled
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -247,8 +260,8 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, Path, dict]:
     if not last.is_file():
         raise UserError(f"resume={cfg.resume}: no checkpoints/last.pt there; pass the directory of a run that saved a checkpoint")
     state = load_checkpoint(last, key="resume")
+    merged, taken = checkpoint_run_config(state, cfg)
     saved = config_from_checkpoint(state["config"])
-    merged, taken = apply_overrides(saved, cfg, cli_overrides(), skip=("task", "resume", "ckpt", "inputs"))
     changed = [k for k in taken if not k.startswith(RESUMABLE) and OmegaConf.select(merged, k) != OmegaConf.select(saved, k)]
     if changed:
         diffs = ", ".join(f"{k} (was {_short(OmegaConf.select(saved, k))})" for k in changed)
