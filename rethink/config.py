@@ -301,21 +301,44 @@ def config_from_checkpoint(saved: dict) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(RethinkConfig), saved)
 
 
-def apply_overrides(base: DictConfig, current: DictConfig, overrides: Sequence[str], skip: Sequence[str] = ()) -> tuple[DictConfig, list[str]]:
-    """`base` (a saved run's config) with every key the command line set taken from `current` (the
-    config Hydra composed from that command line). A group choice (`data=folder`) takes the whole
-    group. Returns the new config and the keys it took."""
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The config keys a command line's overrides set (`stages=...` sets model.stages)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    merged = copy.deepcopy(base)
-    taken = []
+    keys = []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        if key.startswith("hydra") or key in skip:
+        if not key.startswith("hydra"):
+            keys.append("model.stages" if key == "stages" else key)
+    return keys
+
+
+def changed_keys(cfg: DictConfig, reference: DictConfig) -> list[str]:
+    """The keys (leaves; lists as a whole) whose values differ between two configs."""
+    keys = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in a:
+                walk(a[k], b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            keys.append(prefix[:-1])
+
+    walk(plain(cfg), plain(reference), "")
+    return keys
+
+
+def apply_overrides(base: DictConfig, current: DictConfig, keys: Sequence[str], skip: Sequence[str] = ()) -> tuple[DictConfig, list[str]]:
+    """`base` (a saved run's config) with each of `keys` (what the command line set) taken from
+    `current` (the config composed from that command line); a group key (`data`) takes the whole
+    group. Returns the new config and the keys it took."""
+    merged = copy.deepcopy(base)
+    taken = []
+    for key in keys:
+        if key in skip:
             continue
         if key == "experiment":
             raise UserError("experiment= cannot be applied to a saved run; set the keys you need one by one")
-        key = "model.stages" if key == "stages" else key
         OmegaConf.update(merged, key, OmegaConf.select(current, key), merge=False)
         taken.append(key)
     return merged, taken

@@ -92,3 +92,27 @@ def test_bad_input_is_one_clear_line(tmp_path, args, words):
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0: must be null or at least 1"),
+        (["optimizer.lr=-1"], "optimizer.lr=-1.0: must be positive"),
+        (["data.batch_size=0"], "data.batch_size=0: must be at least 1"),
+        (["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5: must be in [0, 1)"),
+        (["data.split=[0.5"], "data.split=[0.5: no viable alternative"),
+        (["model.stages.x.block=fused"], "model.stages.x.block=fused: Index 'x'"),
+        (["eval.split=train"], "eval.split=train: Invalid value 'train', expected one of [val, test]"),
+    ],
+)
+def test_out_of_range_values_are_one_clear_line(tmp_path, args, words):
+    result = run("task=summary", f"hydra.run.dir={tmp_path}", *args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert words in result.stderr
+
+
+def test_a_wrong_resume_path_creates_nothing(tmp_path):
+    result = run(f"resume={tmp_path / 'nope'}")
+    assert result.returncode != 0 and "no checkpoints/last.pt" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "nope").exists()

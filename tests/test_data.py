@@ -156,6 +156,23 @@ def test_already_split_folder_is_used_as_it_is(tmp_path):
     assert all(r.path.startswith({"train": "train/", "val": "validation/", "test": "test/"}[r.split]) for r in bundle.manifest)
 
 
+def test_split_folder_names_are_matched_in_any_case(tmp_path):
+    root = tmp_path / "d"
+    make_tree(root, {"apple": 6, "banana": 5}, prefix="Train")
+    make_tree(root, {"apple": 2, "banana": 2}, prefix="Val")
+    make_tree(root, {"apple": 2, "banana": 2}, prefix="TEST")
+    bundle = build_data(folder_cfg(root), MODEL)
+    assert [len(bundle.train), len(bundle.val), len(bundle.test)] == [11, 4, 4]
+
+
+def test_a_dangling_link_is_skipped_like_an_unreadable_file(tmp_path):
+    root = make_tree(tmp_path / "d", {"apple": 5, "banana": 5})
+    (root / "apple" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    bundle = build_data(folder_cfg(root), MODEL)
+    assert len(bundle.skipped) == 1 and "gone.jpg: cannot read" in bundle.skipped[0]
+    assert len(bundle.train) + len(bundle.val) + len(bundle.test) == 10
+
+
 def test_already_split_folder_without_val_carves_it_from_train(tmp_path):
     root = tmp_path / "d"
     make_tree(root, {"apple": 20, "banana": 20}, prefix="train")

@@ -134,6 +134,42 @@ def test_a_used_run_directory_is_not_overwritten(tmp_path):
         train(tiny("trainer.epochs=1"), tmp_path)
 
 
+def test_the_command_line_cannot_overwrite_a_runs_record(tmp_path):
+    base = [*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
+    assert subprocess.run([sys.executable, str(ROOT / "run.py"), *base], cwd=ROOT, capture_output=True).returncode == 0
+    record = {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()}
+    again = subprocess.run([sys.executable, str(ROOT / "run.py"), *base, "optimizer.lr=0.5"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode != 0 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()} == record
+
+
+def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    rng = torch.Generator().manual_seed(0)
+    def add(cls, i):
+        (data / cls).mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 255, (24, 24, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(data / cls / f"{i:03d}.png")
+    for i in range(12):
+        add("cat", i), add("dog", i)
+    folder = [f"data=folder", f"data.root={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=4"]
+    first = compose_config([*TINY, *folder, "trainer.epochs=1", "trainer.limit_train_batches=null"])
+    train(first, tmp_path / "run")
+    split = (tmp_path / "run" / "splits.csv").read_text()
+    add("cat", 12)  # one more file reshuffles a recomputed split of its class
+    resumed = compose_config([*TINY, *folder, "trainer.epochs=2", "trainer.limit_train_batches=null", f"resume={tmp_path / 'run'}"])
+    train(resumed, tmp_path / "ignored")
+    assert (tmp_path / "run" / "splits.csv").read_text() == split
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+    for i in range(13, 20):  # enough to change the number of steps per epoch
+        add("dog", i)
+    (tmp_path / "run" / "splits.csv").unlink()  # without the run's split, the data set is split anew
+    with pytest.raises(UserError, match="steps, the run had"):
+        train(compose_config([*TINY, *folder, "trainer.epochs=3", "trainer.limit_train_batches=null", f"resume={tmp_path / 'run'}"]), tmp_path / "x")
+
+
 def run_py(*args, **kwargs):
     return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)

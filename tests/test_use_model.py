@@ -62,6 +62,12 @@ def test_eval_matches_the_trainers_test_accuracy(trained, tmp_path):
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
 
 
+def test_eval_from_a_run_directory_and_export_with_a_batch_of_one(trained, tmp_path):
+    report = evaluate(task_cfg("task=eval", f"ckpt={trained}"), tmp_path / "eval")
+    assert report["test_acc"] == json.loads((trained / "metrics.json").read_text())["test_acc"]
+    assert export(task_cfg("task=export", f"ckpt={trained}", "export.batch_size=1", "export.onnx=false"), tmp_path / "export")["ok"]
+
+
 def test_eval_on_another_split(trained, tmp_path):
     report = evaluate(task_cfg("task=eval", f"ckpt={trained / 'checkpoints' / 'best.pt'}", "eval.split=val"), tmp_path)
     assert report["split"] == "val" and "val_acc" in report

@@ -21,6 +21,7 @@ import torch
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import Dataset
 
+from ..config import value
 from ..errors import UserError
 from .cache import ImageCache
 from .datasets import FileImages, TensorImages, Transform
@@ -76,7 +77,7 @@ def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBund
     """The data set `data_cfg` names, split, with the transforms `model_cfg`'s image sizes call for.
     `manifest`: a run's splits.csv, to rebuild exactly that run's splits of a file-based data set
     (without it the split is recomputed, which gives the same result while the files are unchanged)."""
-    name = getattr(data_cfg.name, "value", data_cfg.name)
+    name = value(data_cfg.name)
     fractions = check_fractions(data_cfg.split)
     transforms = train_transform(model_cfg, data_cfg), eval_transform(model_cfg, data_cfg)
     seed = data_cfg.split_seed

@@ -15,11 +15,8 @@ from typing import Callable, Sequence
 import torch
 from torchvision.transforms import v2
 
+from ..config import value
 from ..errors import UserError
-
-
-def _value(option) -> str:
-    return getattr(option, "value", option)
 
 
 def eval_resize(model_cfg, data_cfg) -> int:
@@ -36,7 +33,7 @@ def stored_size(model_cfg, data_cfg) -> int:
 
 def train_transform(model_cfg, data_cfg) -> Callable[[torch.Tensor], torch.Tensor]:
     size = model_cfg.train_size
-    augment = _value(data_cfg.augment)
+    augment = value(data_cfg.augment)
     if augment == "none":
         return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
     steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]

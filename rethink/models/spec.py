@@ -41,10 +41,6 @@ class NetworkSpec:
     bn_momentum: float
     drop_path: tuple[tuple[float, ...], ...]  # per stage, per block
 
-    @property
-    def num_blocks(self) -> int:
-        return sum(stage.repeats for stage in self.stages)
-
 
 def make_divisible(value: float, divisor: int = 8) -> int:
     """Round to the nearest multiple of `divisor`, never going more than 10% below `value`."""

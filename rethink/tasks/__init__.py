@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import atomic_write_text
-from ..config import apply_overrides, config_from_checkpoint, validate, value
+from ..config import apply_overrides, changed_keys, compose_config, config_from_checkpoint, override_keys, validate, value
 from ..errors import UserError
 from ..train.checkpoint import model_from_checkpoint
 from ..train.loop import Inputs
@@ -34,9 +34,12 @@ def _tasks():
     }
 
 
-def cli_overrides() -> list[str]:
-    """The overrides the command line gave (empty outside a Hydra app, e.g. in tests)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+def command_line_keys(cfg: DictConfig) -> list[str]:
+    """The keys the command line set; called from Python (no Hydra app), the keys in which `cfg`
+    differs from the default config."""
+    if HydraConfig.initialized():
+        return override_keys(HydraConfig.get().overrides.task)
+    return changed_keys(cfg, compose_config([]))
 
 
 def hydra_choice(group: str) -> str:
@@ -48,7 +51,7 @@ def checkpoint_run_config(state: dict, cfg: DictConfig) -> tuple[DictConfig, lis
     """The config a checkpoint was trained with, plus what this command line overrides in it
     (e.g. `data.root=...`, `data=folder`, `trainer.device=cpu`); and the keys it overrode."""
     saved = config_from_checkpoint(state["config"])
-    return apply_overrides(saved, cfg, cli_overrides(), skip=("task", "ckpt", "inputs", "resume"))
+    return apply_overrides(saved, cfg, command_line_keys(cfg), skip=("task", "ckpt", "inputs", "resume"))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from torchvision import transforms as v1
 from ..data import build_data, normalize
 from ..data.datasets import FileImages
 from ..data.loaders import SeededSampler
+from ..config import value
 from ..errors import UserError
 from . import write_json
 
@@ -133,7 +134,7 @@ def _samples_per_s(dataset, keys: list, warmup: int, batch_size: int) -> float:
 
 def _file_data(data_cfg: DictConfig, tmp: Path, count: int) -> tuple[DictConfig, str]:
     """The configured data set when it is file-based; else photo-like JPEGs written into `tmp`."""
-    name = getattr(data_cfg.name, "value", data_cfg.name)
+    name = value(data_cfg.name)
     if name in FILE_BASED:
         return data_cfg, f"data={name}"
     folder = tmp / "images"

@@ -116,7 +116,7 @@ def train_epoch(
     description: str = "",
     should_stop: Callable[[], bool] = lambda: False,
 ) -> EpochTotals:
-    """Train on `batches` (at most `num_batches - totals.batches` of them), adding to `totals`.
+    """Train on `batches`, the rest of an epoch of `num_batches` batches, adding to `totals`.
     Returns early, with `interrupted` set, when `should_stop()` turns true between steps.
     Raises NonFiniteLoss when the loss stops being finite (with a gradient scaler: for a whole
     window of steps, since fp16 overflows are skipped by the scaler and are not divergence)."""
@@ -131,8 +131,6 @@ def train_epoch(
                dynamic_ncols=True, file=sys.stdout)
     try:
         for images_u8, labels in batches:
-            if totals.batches >= num_batches:
-                break
             if should_stop():
                 totals.interrupted = True
                 break
