@@ -30,12 +30,6 @@ MODEL = OmegaConf.create({"train_size": 32, "eval_size": 32, "mean": [0.485, 0.4
 COLOURS = {"apple": (200, 30, 30), "banana": (220, 210, 40), "cherry": (120, 0, 60)}
 
 
-@pytest.fixture(autouse=True)
-def private_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETHINK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("RETHINK_DATA", str(tmp_path / "data"))
-
-
 def data_cfg(**values):
     return OmegaConf.merge(OmegaConf.structured(DataConfig), values)
 

@@ -25,12 +25,6 @@ from rethink.errors import UserError
 MODEL = OmegaConf.create({"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
 
 
-@pytest.fixture(autouse=True)
-def private_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETHINK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("RETHINK_DATA", str(tmp_path / "data"))
-
-
 def data_cfg(**values):
     return OmegaConf.merge(OmegaConf.structured(DataConfig), values)
 

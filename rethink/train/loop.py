@@ -29,6 +29,10 @@ class Inputs:
     std: tuple
     channels_last: bool
 
+    def __post_init__(self):  # on the device once, not at every step
+        self.mean = torch.as_tensor(self.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.as_tensor(self.std, dtype=torch.float32, device=self.device)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = normalize(images.to(self.device, non_blocking=True), self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
