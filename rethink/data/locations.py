@@ -10,20 +10,17 @@ def user_cache_home() -> Path:
 
 def data_root(configured: str | None) -> Path:
     """`data.root`, else $RETHINK_DATA, else $XDG_CACHE_HOME/rethink/data (~/.cache/rethink/data)."""
-    if configured:
-        return Path(configured).expanduser()
-    if os.environ.get("RETHINK_DATA"):
-        return Path(os.environ["RETHINK_DATA"]).expanduser()
-    return user_cache_home() / "rethink" / "data"
+    return _first_of(configured, "RETHINK_DATA", "data")
 
 
 def cache_dir(configured: str | None) -> Path:
     """`data.cache_dir`, else $RETHINK_CACHE, else $XDG_CACHE_HOME/rethink/images (~/.cache/rethink/images)."""
-    if configured:
-        return Path(configured).expanduser()
-    if os.environ.get("RETHINK_CACHE"):
-        return Path(os.environ["RETHINK_CACHE"]).expanduser()
-    return user_cache_home() / "rethink" / "images"
+    return _first_of(configured, "RETHINK_CACHE", "images")
+
+
+def _first_of(configured: str | None, variable: str, default_name: str) -> Path:
+    chosen = configured or os.environ.get(variable)
+    return Path(chosen).expanduser() if chosen else user_cache_home() / "rethink" / default_name
 
 
 def downloads_allowed() -> bool:
