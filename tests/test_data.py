@@ -139,24 +139,16 @@ def test_items_are_uint8_at_the_model_sizes(tmp_path):
     assert image.shape == (3, 28, 28)
 
 
-def test_already_split_folder_is_used_as_it_is(tmp_path):
+@pytest.mark.parametrize("folders", [("train", "validation", "test"), ("Train", "Val", "TEST")], ids=["aliases", "any-case"])
+def test_already_split_folder_is_used_as_it_is(tmp_path, folders):
     root = tmp_path / "d"
-    make_tree(root, {"apple": 6, "banana": 5}, prefix="train")
-    make_tree(root, {"apple": 2, "banana": 2}, prefix="validation")
-    make_tree(root, {"apple": 3, "banana": 1}, prefix="test")
+    for prefix, counts in zip(folders, ({"apple": 6, "banana": 5}, {"apple": 2, "banana": 2}, {"apple": 3, "banana": 1})):
+        make_tree(root, counts, prefix=prefix)
     bundle = build_data(folder_cfg(root), MODEL)
     assert bundle.classes == ["apple", "banana"]
     assert [len(bundle.train), len(bundle.val), len(bundle.test)] == [11, 4, 4]
-    assert all(r.path.startswith({"train": "train/", "val": "validation/", "test": "test/"}[r.split]) for r in bundle.manifest)
-
-
-def test_split_folder_names_are_matched_in_any_case(tmp_path):
-    root = tmp_path / "d"
-    make_tree(root, {"apple": 6, "banana": 5}, prefix="Train")
-    make_tree(root, {"apple": 2, "banana": 2}, prefix="Val")
-    make_tree(root, {"apple": 2, "banana": 2}, prefix="TEST")
-    bundle = build_data(folder_cfg(root), MODEL)
-    assert [len(bundle.train), len(bundle.val), len(bundle.test)] == [11, 4, 4]
+    expected = dict(zip(("train", "val", "test"), folders))
+    assert all(r.path.startswith(expected[r.split] + "/") for r in bundle.manifest)
 
 
 def test_a_dangling_link_is_skipped_like_an_unreadable_file(tmp_path):
