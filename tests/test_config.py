@@ -67,7 +67,7 @@ def test_summary_task_writes_summary_json(tmp_path):
     assert [row["stage"] for row in summary["stages"]][:2] == ["stem", 0]
     assert summary["stages"][4]["block"] == "fused"  # stage index 3
     assert "GMACs" in result.stdout and "128,657,024" in result.stdout
-    b0 = run("task=summary", "model=b0", f"hydra.run.dir={tmp_path / 'b0'}")
+    run("task=summary", "model=b0", f"hydra.run.dir={tmp_path / 'b0'}")
     assert json.loads((tmp_path / "b0" / "summary.json").read_text())["gmacs"] == pytest.approx(0.39, abs=0.005)
 
 

@@ -154,7 +154,7 @@ def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path):
         Image.fromarray(pixels).save(data / cls / f"{i:03d}.png")
     for i in range(12):
         add("cat", i), add("dog", i)
-    folder = [f"data=folder", f"data.root={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=4"]
+    folder = ["data=folder", f"data.root={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=4"]
     first = compose_config([*TINY, *folder, "trainer.epochs=1", "trainer.limit_train_batches=null"])
     train(first, tmp_path / "run")
     split = (tmp_path / "run" / "splits.csv").read_text()

@@ -143,21 +143,6 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             f"{device} {precision.name}, epochs {progress.epoch + 1}-{t.epochs}, run dir {run_dir}"
         )
 
-        def checkpoint(totals: Optional[EpochTotals] = None) -> dict:
-            progress.partial = asdict(totals) if totals is not None else None
-            return dict(
-                model=model.state_dict(),
-                ema=ema.module.state_dict() if ema is not None else None,
-                ema_updates=int(ema.n_averaged) if ema is not None else 0,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None,
-                steps_per_epoch=steps,
-                config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                classes=list(classes),
-                **asdict(progress),
-            )
-
         with StopSignals() as stop:
             for epoch in range(progress.epoch + 1, t.epochs + 1):
                 torch.manual_seed(_epoch_seed(cfg.seed, epoch))
@@ -177,7 +162,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
                         "Try a lower optimizer.lr, trainer.grad_clip=1.0, or trainer.amp=off"
                     ) from None
                 if totals.interrupted:
-                    save_checkpoint(checkpoint(totals), ckpt_dir / "last.pt")
+                    progress.partial = asdict(totals)
+                    save_checkpoint(_checkpoint(model, learner, cfg, classes, steps, progress), ckpt_dir / "last.pt")
                     log.warning(f"stopped by signal {stop.requested} in epoch {epoch} after {totals.batches} batches; "
                                 f"saved {ckpt_dir / 'last.pt'}; continue with resume={run_dir}")
                     raise SystemExit(128 + stop.requested)
@@ -198,7 +184,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
                 progress.history.append(record)
                 _log_epoch(writer, record, progress.best_val_acc)
                 writer.flush()  # before the checkpoint: a kill between the two re-runs this epoch, logged once
-                save_checkpoint(checkpoint(), ckpt_dir / "last.pt")
+                progress.partial = None
+                save_checkpoint(_checkpoint(model, learner, cfg, classes, steps, progress), ckpt_dir / "last.pt")
                 if improved:
                     copy_checkpoint(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
                 log.info(
@@ -271,6 +258,23 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, Path, dict]:
         )
     merged.resume = str(run_dir)
     return merged, run_dir, state
+
+
+def _checkpoint(model, learner: Learner, cfg: DictConfig, classes: list, steps: int, progress: Progress) -> dict:
+    """Everything a resume needs (`model` is the module itself, not its torch.compile wrapper)."""
+    ema = learner.ema
+    return dict(
+        model=model.state_dict(),
+        ema=ema.module.state_dict() if ema is not None else None,
+        ema_updates=int(ema.n_averaged) if ema is not None else 0,
+        optimizer=learner.optimizer.state_dict(),
+        scheduler=learner.scheduler.state_dict(),
+        scaler=learner.scaler.state_dict() if learner.scaler is not None else None,
+        steps_per_epoch=steps,
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        classes=list(classes),
+        **asdict(progress),
+    )
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
