@@ -26,6 +26,7 @@ class Task(Enum):
     export = "export"
     summary = "summary"
     benchmark = "benchmark"
+    compare = "compare"
 
 
 class Block(Enum):
@@ -215,6 +216,23 @@ class BenchmarkConfig:
 
 
 @dataclass
+class CompareConfig:
+    """task=compare (rethink/tasks/compare.py): groups runs that differ only in seed and sets them against each other."""
+
+    dirs: List[str] = field(default_factory=lambda: ["outputs"])  # sweep folders, run folders, or outputs/ as a whole
+    baseline: Optional[str] = None  # a key=value filter that picks one group, e.g. model.stages.3.block=mbconv
+    candidate: Optional[str] = None  # the same for the group set against it; unset: every group against the first
+    # keys that change how a run computes, not what it computes: runs that differ only in these (and seed) form one group
+    ignore: List[str] = field(default_factory=lambda: [
+        "seed", "resume", "trainer.device", "trainer.progress", "trainer.log_every_n_steps", "trainer.image_grid",
+        "trainer.compile", "trainer.cudnn_benchmark", "data.num_workers", "data.root", "data.cache_dir",
+    ])
+    confidence: float = 0.95
+    power: float = 0.8
+    detect: float = 0.005  # the difference in test accuracy (0.5 points) whose needed seeds the verdict reports
+
+
+@dataclass
 class RethinkConfig:
     task: Task = Task.train
     seed: int = 0
@@ -231,6 +249,7 @@ class RethinkConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 def plain(node: Any) -> Any:

@@ -22,7 +22,7 @@ log = logging.getLogger("rethink")
 
 
 def _tasks():
-    from . import benchmark, evaluate, export, predict, summary, train
+    from . import benchmark, compare, evaluate, export, predict, summary, train
 
     return {
         "train": train.train,
@@ -31,6 +31,7 @@ def _tasks():
         "export": export.export,
         "summary": summary.summary,
         "benchmark": benchmark.benchmark,
+        "compare": compare.compare,
     }
 
 
