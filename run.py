@@ -1,6 +1,7 @@
-"""The one entry point: `python run.py [task=train|eval|predict|export|summary|benchmark] [overrides]`.
+"""The one entry point: `python run.py [task=train|eval|predict|export|summary|benchmark|compare] [overrides]`.
 
-Hydra composes conf/ (typed by rethink/config.py) with the command line; `-m` sweeps.
+Hydra composes conf/ (typed by rethink/config.py) with the command line; `-m` sweeps, and
+`-m ... --dry-run` lists a sweep's jobs without running them.
 """
 
 import sys
@@ -22,4 +23,8 @@ def main(cfg: DictConfig):
 
 if __name__ == "__main__":
     with one_line_errors(sys.argv[1:]):
+        if "--dry-run" in sys.argv:
+            from rethink.tasks.sweep import list_jobs
+
+            sys.exit(list_jobs([a for a in sys.argv[1:] if a not in ("--dry-run", "-m", "--multirun")]))
         main()

@@ -16,7 +16,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import UserError
+from . import rundir
+from .errors import UserError, user_errors
 
 
 class Task(Enum):
@@ -167,6 +168,7 @@ class SchedulerConfig:
 class TrainerConfig:
     epochs: int = 30
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cpu_threads: Optional[int] = None  # torch's CPU threads; null: one per CPU this process may use
     amp: Amp = Amp.auto
     channels_last: bool = True
     compile: bool = False
@@ -220,16 +222,22 @@ class CompareConfig:
     """task=compare (rethink/tasks/compare.py): groups runs that differ only in seed and sets them against each other."""
 
     dirs: List[str] = field(default_factory=lambda: ["outputs"])  # sweep folders, run folders, or outputs/ as a whole
-    baseline: Optional[str] = None  # a key=value filter that picks one group, e.g. model.stages.3.block=mbconv
-    candidate: Optional[str] = None  # the same for the group set against it; unset: every group against the first
-    # keys that change how a run computes, not what it computes: runs that differ only in these (and seed) form one group
+    # key=value conditions (comma-separated; key:value on the command line) that pick the baseline group(s),
+    # e.g. model.stages.3.block=mbconv; `model=v2_s` means model.name=v2_s
+    baseline: Optional[str] = None
+    candidate: Optional[str] = None  # the same for the groups set against it; unset: every other group
+    # Keys besides seed (always ignored) in which runs of one group may differ: how a run computes, not what
+    # it computes, and the settings of other tasks. A key covers everything under it.
     ignore: List[str] = field(default_factory=lambda: [
-        "seed", "resume", "trainer.device", "trainer.progress", "trainer.log_every_n_steps", "trainer.image_grid",
-        "trainer.compile", "trainer.cudnn_benchmark", "data.num_workers", "data.root", "data.cache_dir",
+        "resume", "ckpt", "inputs", "task", "trainer.device", "trainer.cpu_threads", "trainer.progress",
+        "trainer.log_every_n_steps", "trainer.image_grid", "trainer.compile", "trainer.cudnn_benchmark",
+        "trainer.channels_last", "trainer.deterministic", "data.num_workers", "data.root", "data.cache_dir",
+        "eval", "predict", "export", "summary", "benchmark", "compare",
     ])
-    confidence: float = 0.95
-    power: float = 0.8
-    detect: float = 0.005  # the difference in test accuracy (0.5 points) whose needed seeds the verdict reports
+    also_ignore: List[str] = field(default_factory=list)  # more such keys, e.g. [trainer.amp] to pool precisions
+    confidence: float = 0.95  # of every interval, and 1 - the level of the test
+    power: float = 0.8  # for the smallest difference the seeds could detect
+    detect: float = 0.005  # a difference in test accuracy (0.5 points) whose seeds needed the verdict reports
 
 
 @dataclass
@@ -290,6 +298,7 @@ RANGES = {
     "scheduler.decay_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "scheduler.decay_epochs": _POSITIVE,
     "trainer.epochs": _AT_LEAST_1,
+    "trainer.cpu_threads": _NULL_OR_AT_LEAST_1,
     "trainer.grad_clip": (lambda v: v is None or v > 0, "null (off) or positive"),
     "trainer.label_smoothing": _FRACTION,
     "trainer.ema_decay": _FRACTION,
@@ -304,6 +313,9 @@ RANGES = {
     "benchmark.images": _AT_LEAST_1,
     "benchmark.warmup": _NOT_NEGATIVE,
     "benchmark.threads": _AT_LEAST_1,
+    "compare.confidence": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "compare.power": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "compare.detect": (lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"),
 }
 
 
@@ -367,8 +379,11 @@ def register_configs() -> None:
     """Make the schema and the resolvers available to conf/config.yaml (run.py calls this first)."""
     ConfigStore.instance().store(name="rethink_schema", node=RethinkConfig)
     OmegaConf.register_new_resolver("rethink.value", value, replace=True)
-    OmegaConf.register_new_resolver("rethink.run_dir", run_dir, replace=True)
-    OmegaConf.register_new_resolver("rethink.record_dir", record_dir, replace=True)
+    OmegaConf.register_new_resolver("rethink.run_dir", rundir.run_dir, replace=True)
+    OmegaConf.register_new_resolver("rethink.record_dir", rundir.record_dir, replace=True)
+    # cached: a sweep's jobs (copies of its config, in this process or another) all get the folder it claimed
+    OmegaConf.register_new_resolver("rethink.claim", rundir.claim, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("rethink.job_dir", rundir.job_dir, replace=True)
 
 
 def value(option: Any) -> Any:
@@ -376,43 +391,24 @@ def value(option: Any) -> Any:
     return getattr(option, "value", option)
 
 
-def run_dir(resume: Optional[str], default: str) -> str:
-    """hydra.run.dir: a resumed run continues in its own directory (which must hold a checkpoint,
-    checked before Hydra creates or writes anything); any other run gets `default`."""
-    if resume is None:
-        return default
-    if not (Path(str(resume)).expanduser() / "checkpoints" / "last.pt").is_file():
-        raise UserError(f"resume={resume}: no checkpoints/last.pt there; pass the directory of a run that saved a checkpoint")
-    return str(Path(str(resume)).expanduser())
-
-
-def record_dir(resume: Optional[str], task: Any, output_dir: str, now: str) -> str:
-    """hydra.output_subdir, where Hydra records the config: `.hydra`, or `.hydra/resumed-<now>` when
-    resuming, so that the run's first record is kept. Refuses to train into a directory that already
-    holds a run (before Hydra overwrites that run's record)."""
-    if resume is not None:
-        return f".hydra/resumed-{now}"
-    if value(task) == "train" and (Path(output_dir) / "checkpoints" / "last.pt").exists():
-        raise UserError(f"{output_dir} already holds a run; continue it with resume={output_dir}, or choose another hydra.run.dir")
-    return ".hydra"
-
-
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The config `python run.py OVERRIDES...` would run with (without its `hydra` node), for notebooks,
-    tests and tasks. Safe to call inside a running Hydra app: the app's global state is put back after."""
+    tests and tasks. Safe to call inside a running Hydra app: the app's global state is put back after.
+    A mistake in `overrides` is a UserError with the one line `python run.py` would print."""
     if not (CONF_DIR / "config.yaml").is_file():
         raise FileNotFoundError(f"{CONF_DIR} holds no config.yaml; install rethink from its repository (pip install -e .)")
     register_configs()
     global_hydra = GlobalHydra.instance()
     running = global_hydra.hydra
     global_hydra.clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
-        if running is not None:
-            GlobalHydra.instance().initialize(running)
+    with user_errors(overrides):  # outside the try: explaining may compose again, after the state is put back
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                return compose(config_name="config", overrides=list(overrides))
+        finally:
+            GlobalHydra.instance().clear()
+            if running is not None:
+                GlobalHydra.instance().initialize(running)

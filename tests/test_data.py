@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import rethink.data.cache
+import rethink.data.datasets
 import rethink.data.scan
 from rethink.config import DataConfig
 from rethink.data import build_data, load_image
@@ -302,7 +303,7 @@ def test_images_are_decoded_once_and_scans_remembered(tmp_path, monkeypatch):
     write_jpeg(root / "banana" / "copy.jpg", size=(300, 200))  # the same bytes: one cache entry
     write_jpeg(root / "apple" / "small.jpg", size=(30, 20))
     decodes, checks = [], []
-    monkeypatch.setattr(rethink.data.cache, "load_image", lambda path, side=None: decodes.append(path) or load_image(path, side))
+    monkeypatch.setattr(rethink.data.datasets, "load_image", lambda path, side=None: decodes.append(path) or load_image(path, side))
     monkeypatch.setattr(rethink.data.scan, "decode_error", lambda data: checks.append(1) or rethink.data.images.decode_error(data))
     cfg = folder_cfg(root, cache_dir=str(tmp_path / "c"))
 
@@ -312,9 +313,9 @@ def test_images_are_decoded_once_and_scans_remembered(tmp_path, monkeypatch):
     first = [d.image(i) for d, i in every]
     assert len(decodes) == 14  # 15 files, two with the same content
     sides = {min(t.shape[1:]) for t in first}
-    assert sides == {37, 20}  # max(train 32, round(32 / 0.875)) = 37; smaller images are not upscaled
+    assert sides == {114, 40, 20}  # ceil(train 32 / sqrt(0.08)) = 114; smaller images are not upscaled
     big = next(t for t, (d, i) in zip(first, every) if d.paths[i].endswith("big.jpg"))
-    assert tuple(big.shape) == (3, 37, 56)
+    assert tuple(big.shape) == (3, 114, 171)
 
     again = build_data(cfg, MODEL)  # a new job of the sweep
     second = [d.image(i) for d, i in [(again.train, i) for i in range(len(again.train))]]
@@ -349,7 +350,7 @@ def flowers_archive(path: Path, extra: list[tarfile.TarInfo] = ()) -> str:
         for k, name in enumerate(flowers.CLASSES):
             for i in range(4):
                 buffer = io.BytesIO()
-                Image.new("RGB", (40, 30), (k * 50, 100, 200 - k * 40)).save(buffer, "JPEG")
+                Image.new("RGB", (40, 30), (k * 50, 100 + 10 * i, 200 - k * 40)).save(buffer, "JPEG")  # no two alike
                 info = tarfile.TarInfo(f"flower_photos/{name}/{i}.jpg")
                 info.size = len(buffer.getvalue())
                 tar.addfile(info, io.BytesIO(buffer.getvalue()))

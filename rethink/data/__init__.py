@@ -5,10 +5,12 @@
     loader = make_loader(bundle.train, cfg.data, train=True, seed=cfg.seed)
     set_epoch(loader, epoch)                          # before each epoch: order and augmentation
     images = normalize(batch.to(device), cfg.model.mean, cfg.model.std)   # on the device
+    eval_images(paths, cfg.model, cfg.data)[i]        # any file as the val/test splits present theirs
 
 data=flowers (tf_flowers, the default), folder (any class-per-folder tree), synthetic (drawn in memory),
 flowers102, cifar10, cifar100 (torchvision). File-based data sets are scanned once for unreadable
-files, split reproducibly (splits.py) and decoded once into an on-disk cache (cache.py).
+files, split reproducibly (splits.py), identical files kept in one split, and decoded once into an
+on-disk cache (cache.py) that gives the same pixels as decoding every time (preprocess.py).
 """
 
 import json
@@ -24,14 +26,15 @@ from torch.utils.data import Dataset
 from ..config import value
 from ..errors import UserError
 from .cache import ImageCache
-from .datasets import FileImages, TensorImages, Transform
+from .datasets import TensorImages
 from .flowers import locate_flowers
 from .folder import Listing, list_folder
 from .images import load_image
 from .loaders import make_loader, set_epoch
 from .locations import cache_dir, data_root
+from .preprocess import describe_eval_preprocessing, eval_images, file_images
 from .scan import scan_images
-from .splits import SPLITS, ManifestRow, assign_splits, check_fractions, read_manifest, write_manifest
+from .splits import SPLITS, ManifestRow, assign_splits, check_fractions, copies_across_splits, manifest_rows, read_manifest, write_manifest
 from .synthetic import generate_synthetic
 from .torchvision_sets import CIFAR, cifar_tensors, flowers102_listing
 from .transforms import batch_mixer, eval_transform, normalize, stored_size, train_transform
@@ -40,6 +43,8 @@ __all__ = [
     "DataBundle",
     "batch_mixer",
     "build_data",
+    "describe_eval_preprocessing",
+    "eval_images",
     "eval_transform",
     "load_image",
     "make_loader",
@@ -59,16 +64,15 @@ class DataBundle:
     train: Dataset  # items: (uint8 3 x train_size x train_size, label), random train transforms
     val: Dataset  # items: (uint8 3 x eval_size x eval_size, label), eval transforms
     test: Dataset
+    manifest: list[ManifestRow]  # every image's split; in-memory data sets name theirs <data set>/[part/]<index>
     skipped: list[str] = field(default_factory=list)  # "path: why" for each unreadable file the scan found
-    manifest: list[ManifestRow] = field(default_factory=list)  # file-based data sets: every image's split
 
     def write_run_files(self, run_dir: Path) -> None:
-        """classes.json (index -> name), splits.csv (file-based data sets), skipped_files.txt (when any)."""
+        """classes.json (index -> name), splits.csv, skipped_files.txt (when any)."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "classes.json").write_text(json.dumps(self.classes, indent=1) + "\n")
-        if self.manifest:
-            write_manifest(run_dir / "splits.csv", self.manifest)
+        write_manifest(run_dir / "splits.csv", self.manifest)
         if self.skipped:
             (run_dir / "skipped_files.txt").write_text("\n".join(self.skipped) + "\n")
 
@@ -76,25 +80,34 @@ class DataBundle:
 def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBundle:
     """The data set `data_cfg` names, split, with the transforms `model_cfg`'s image sizes call for.
     `manifest`: a run's splits.csv, to rebuild exactly that run's splits of a file-based data set
-    (without it the split is recomputed, which gives the same result while the files are unchanged)."""
+    (without it the split is recomputed, which gives the same result while the files are unchanged);
+    an in-memory data set is recomputed and checked against it."""
     name = value(data_cfg.name)
     fractions = check_fractions(data_cfg.split)
-    transforms = train_transform(model_cfg, data_cfg), eval_transform(model_cfg, data_cfg)
+    side = stored_size(model_cfg, data_cfg)  # also checks data.augment and data.crop_pct before anything is read
     seed = data_cfg.split_seed
-    if name == "synthetic":
-        images, labels, classes = generate_synthetic(data_cfg.num_classes, data_cfg.images_per_class, data_cfg.image_size, seed)
-        return _tensor_bundle(classes, images, labels, assign_splits(labels, [None] * len(labels), fractions, seed), transforms)
-    if name in CIFAR:
-        classes, parts = cifar_tensors(name, data_root(data_cfg.root))
-        (train_images, train_labels), (test_images, test_labels) = parts["train"], parts["test"]
-        labels = train_labels + test_labels
-        given = ["train"] * len(train_labels) + ["test"] * len(test_labels)
-        images = torch.cat([train_images, test_images])
-        return _tensor_bundle(classes, images, labels, assign_splits(labels, given, fractions, seed), transforms)
+    if name == "synthetic" or name in CIFAR:
+        classes, images, labels, paths, given = _in_memory(name, data_cfg)
+        bundle = _tensor_bundle(classes, images, labels, paths, assign_splits(labels, given, fractions, seed), model_cfg, data_cfg)
+        if manifest is not None and read_manifest(Path(manifest)) != bundle.manifest:
+            raise UserError(f"{manifest}: the run's split is not the one data={name} gives now; was the manifest edited, or the data set's settings changed?")
+        return bundle
     listing = _listing(name, data_cfg)
     if manifest is not None:
         listing = _listing_from_manifest(listing.root, read_manifest(Path(manifest)), manifest)
-    return _file_bundle(listing, data_cfg, model_cfg, fractions, transforms, splits_given=manifest is not None)
+    return _file_bundle(listing, data_cfg, model_cfg, fractions, side, splits_given=manifest is not None)
+
+
+def _in_memory(name: str, data_cfg) -> tuple[list[str], torch.Tensor, list[int], list[str], list[str | None]]:
+    """(classes, uint8 images, labels, a name per image for splits.csv, the split each came in)."""
+    if name == "synthetic":
+        images, labels, classes = generate_synthetic(data_cfg.num_classes, data_cfg.images_per_class, data_cfg.image_size, data_cfg.split_seed)
+        return classes, images, labels, [f"synthetic/{i:06d}" for i in range(len(labels))], [None] * len(labels)
+    classes, parts = cifar_tensors(name, data_root(data_cfg.root))
+    (train_images, train_labels), (test_images, test_labels) = parts["train"], parts["test"]
+    paths = [f"{name}/train/{i:05d}" for i in range(len(train_labels))] + [f"{name}/test/{i:05d}" for i in range(len(test_labels))]
+    given = ["train"] * len(train_labels) + ["test"] * len(test_labels)
+    return classes, torch.cat([train_images, test_images]), train_labels + test_labels, paths, given
 
 
 def _listing(name: str, data_cfg) -> Listing:
@@ -130,7 +143,7 @@ def _listing_from_manifest(root: Path, rows: list[ManifestRow], manifest: Path) 
     return Listing(root, [names[k] for k in range(len(names))], [r.path for r in rows], [r.label for r in rows], [r.split for r in rows])
 
 
-def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, transforms: tuple[Transform, Transform], splits_given: bool) -> DataBundle:
+def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, splits_given: bool) -> DataBundle:
     root, classes = listing.root, listing.classes
     cache_root = cache_dir(data_cfg.cache_dir)
     scan = scan_images(root, listing.paths, cache_root)
@@ -138,45 +151,63 @@ def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, transforms: t
     if skipped:
         shown = "; ".join(skipped[:10]) + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "")
         log.warning(f"skipped {len(skipped)} unreadable image file(s) (listed in the run's skipped_files.txt): {shown}")
-    kept = [i for i, path in enumerate(listing.paths) if path in scan.digests]
-    paths = [listing.paths[i] for i in kept]
-    labels = [listing.labels[i] for i in kept]
-    given = [listing.splits[i] for i in kept]
-    splits = given if splits_given else assign_splits(labels, given, fractions, data_cfg.split_seed)
+    # The split is made over every listed file, readable or not, and the unreadable ones then leave
+    # their split: a file that fails to read (today only, perhaps) moves no other file.
+    copies = [scan.digests.get(path) for path in listing.paths]
+    all_splits = listing.splits if splits_given else assign_splits(listing.labels, listing.splits, fractions, data_cfg.split_seed, copies)
+    kept = [i for i, path in enumerate(listing.paths) if path not in scan.skipped]
+    paths, labels, splits, digests = ([values[i] for i in kept] for values in (listing.paths, listing.labels, all_splits, copies))
     _require_training_images(root, classes, labels, splits, len(skipped))
+    crossing = copies_across_splits(splits, digests)
+    if crossing:
+        log.warning(
+            f"data.root={root}: {crossing} group{'s' if crossing > 1 else ''} of identical files lie in more than one of "
+            "train/val/test (as given by its folders or splits.csv): those images are trained on and scored; remove the copies"
+        )
 
-    cache = ImageCache(cache_root, stored_size(model_cfg, data_cfg)) if data_cfg.cache else None
+    cache = ImageCache(cache_root) if data_cfg.cache else None
+    if cache:
+        _announce_cache_build(cache, side, set(digests))
 
-    def subset(split: str, transform: Transform) -> FileImages:
+    def subset(split: str) -> Dataset:
         chosen = [i for i, s in enumerate(splits) if s == split]
-        return FileImages(root, [paths[i] for i in chosen], [labels[i] for i in chosen], [scan.digests[paths[i]] for i in chosen], transform, cache)
+        return file_images(root, [paths[i] for i in chosen], [labels[i] for i in chosen], model_cfg, data_cfg,
+                           train=split == "train", cache=cache, digests=[digests[i] for i in chosen])
 
-    manifest = sorted(
-        (ManifestRow(split, label, classes[label], path) for split, label, path in zip(splits, labels, paths)),
-        key=lambda row: (SPLITS.index(row.split), row.path),
-    )
-    bundle = DataBundle(classes, subset("train", transforms[0]), subset("val", transforms[1]), subset("test", transforms[1]), skipped, manifest)
+    bundle = DataBundle(classes, subset("train"), subset("val"), subset("test"), manifest_rows(splits, labels, classes, paths), skipped)
     _log_sizes(bundle, root)
     return bundle
+
+
+def _announce_cache_build(cache: ImageCache, side: int, digests: set[str]) -> None:
+    """An info line when most images are not cached yet: the first epoch is then slower, and silent."""
+    missing = sum(not cache.entry(digest, side).is_file() for digest in digests)
+    if missing * 2 > len(digests):
+        log.info(
+            f"{missing} images are not in the image cache yet: the first epoch (and the first test) decode them into the "
+            f"cache at {cache.folder(side)}; later epochs and runs read them back"
+        )
 
 
 def _require_training_images(root: Path, classes: list[str], labels: list[int], splits: list[str], skipped: int) -> None:
     if not labels:
         raise UserError(f"data.root={root}: no readable images ({skipped} unreadable skipped)")
+    total = Counter(labels)
     train = Counter(label for label, split in zip(labels, splits) if split == "train")
-    empty = [name for k, name in enumerate(classes) if train[k] == 0]
-    if empty:
-        total = Counter(labels)
-        why = "no readable images" if total[classes.index(empty[0])] == 0 else "no training images"
-        raise UserError(f"data.root={root}: class {empty[0]!r} has {why}; add images to it or remove its folder")
+    for why, count in (("no readable images", total), ("no training images", train)):
+        empty = next((name for k, name in enumerate(classes) if count[k] == 0), None)
+        if empty is not None:
+            raise UserError(f"data.root={root}: class {empty!r} has {why}; add images to it or remove its folder")
 
 
-def _tensor_bundle(classes: list[str], images: torch.Tensor, labels: list[int], splits: list[str], transforms: tuple[Transform, Transform]) -> DataBundle:
-    def subset(split: str, transform: Transform) -> TensorImages:
+def _tensor_bundle(classes: list[str], images: torch.Tensor, labels: list[int], paths: list[str], splits: list[str], model_cfg, data_cfg) -> DataBundle:
+    def subset(split: str, transform) -> TensorImages:
         chosen = [i for i, s in enumerate(splits) if s == split]
         return TensorImages(images[chosen], [labels[i] for i in chosen], transform)
 
-    bundle = DataBundle(classes, subset("train", transforms[0]), subset("val", transforms[1]), subset("test", transforms[1]))
+    train, evaluation = train_transform(model_cfg, data_cfg), eval_transform(model_cfg, data_cfg)
+    manifest = manifest_rows(splits, labels, classes, paths)
+    bundle = DataBundle(classes, subset("train", train), subset("val", evaluation), subset("test", evaluation), manifest)
     _log_sizes(bundle, "memory")
     return bundle
 

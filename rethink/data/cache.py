@@ -1,9 +1,11 @@
-"""On-disk caches under `data.cache_dir`: decoded, downscaled images, and what a scan found.
+"""On-disk caches under `data.cache_dir`: decoded images, and what a scan found.
 
-Decoded images are keyed by the file's content hash and the shorter side they were resized to, so one
-entry serves every epoch, every job of a sweep and every copy of the same file. Every write goes to a
-temporary file that is then renamed, so concurrent loader workers and jobs never see half a file.
-A write that fails (disk full, read-only folder) is reported once and the run carries on uncached.
+Decoded images are keyed by the file's content hash and the shorter side they were decoded to, so one
+entry serves every epoch, every job of a sweep and every copy of the same file. The cache only
+remembers what the decode returned, bit for bit: a run gets the same pixels with it or without it.
+Every write goes to a temporary file that is then renamed, so concurrent loader workers and jobs never
+see half a file. A write that fails (disk full, read-only folder) is reported once and the run carries
+on uncached.
 """
 
 import hashlib
@@ -12,12 +14,12 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_write_bytes
-from .images import load_image
 
 log = logging.getLogger("rethink")
 
@@ -37,25 +39,27 @@ def try_atomic_write(path: Path, data: bytes, what: str, cache_root: Path) -> bo
 
 
 class ImageCache:
-    """Images decoded once, downscaled so the shorter side is `shorter_side` (never upscaled), kept as
-    uint8 HxWx3 .npy files."""
+    """Decoded images as uint8 HxWx3 .npy files, one folder per shorter side."""
 
-    def __init__(self, directory: Path, shorter_side: int):
+    def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self.shorter_side = shorter_side
         self.writable = True
 
-    def entry(self, digest: str) -> Path:
-        return self.directory / f"side{self.shorter_side}" / digest[:2] / f"{digest}.npy"
+    def folder(self, shorter_side: int) -> Path:
+        return self.directory / f"side{shorter_side}"
 
-    def load(self, path: Path, digest: str) -> torch.Tensor:
-        """The image at `path` (whose content hash is `digest`) as uint8 3xHxW."""
-        entry = self.entry(digest)
+    def entry(self, digest: str, shorter_side: int) -> Path:
+        return self.folder(shorter_side) / digest[:2] / f"{digest}.npy"
+
+    def get(self, digest: str, shorter_side: int, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The image whose content hash is `digest`, as `decode()` (uint8 3xHxW) returned it when it
+        was first asked for."""
+        entry = self.entry(digest, shorter_side)
         try:
             return torch.from_numpy(np.load(entry)).permute(2, 0, 1)
         except (OSError, ValueError, EOFError):  # not cached yet (or unreadable: rewrite it)
             pass
-        image = load_image(path, self.shorter_side)
+        image = decode()
         if self.writable:
             buffer = io.BytesIO()
             np.save(buffer, image.permute(1, 2, 0).contiguous().numpy())
@@ -65,7 +69,10 @@ class ImageCache:
 
 class ScanRecords:
     """What a scan found for each file, keyed by path, size and modification time, so that a second
-    scan of an unchanged folder decodes nothing. One JSON file per scanned folder."""
+    scan of an unchanged folder decodes nothing. One JSON file per scanned folder. Only files that
+    were read are remembered (with their content hash): a read that failed (EIO, a network file
+    system's hiccup, permissions, which chmod changes without touching the modification time) may
+    succeed next time, so it is tried again."""
 
     def __init__(self, cache_root: Path, folder: Path):
         self.cache_root = Path(cache_root)
@@ -79,12 +86,17 @@ class ScanRecords:
     def get(self, path: str, stat: os.stat_result) -> tuple[str | None, str | None] | None:
         """(digest, error) remembered for this version of the file, or None."""
         record = self.records.get(path)
-        if record and record[0] == stat.st_size and record[1] == stat.st_mtime_ns:
+        if record and record[0] == stat.st_size and record[1] == stat.st_mtime_ns and record[2] is not None:
             return record[2], record[3]
-        return None
+        return None  # unknown, changed, or a read failure that older versions remembered
 
     def put(self, path: str, stat: os.stat_result, digest: str | None, error: str | None) -> None:
-        self.records[path] = [stat.st_size, stat.st_mtime_ns, digest, error]
+        """Remember a file's (content hash, why it cannot be decoded or None); a file that could not
+        be read (no hash) is forgotten instead."""
+        if digest is None:
+            self.records.pop(path, None)
+        else:
+            self.records[path] = [stat.st_size, stat.st_mtime_ns, digest, error]
 
     def save(self) -> None:
         data = json.dumps(self.records, separators=(",", ":")).encode()

@@ -3,21 +3,28 @@
 `SeededSampler` yields (index, sample_seed) pairs; the datasets seed each sample's transform with its
 sample_seed. So the batches of epoch k are the same with 0 or 8 workers, with persistent workers, and
 in a run resumed at epoch k: call `set_epoch(loader, k)` before iterating.
+
+Evaluation keeps the data set's order, which is sorted by class: limited evaluation (`limit_batches`)
+therefore scores a fixed stratified subset, not the first batches (which would be the first classes).
 """
 
 import os
 import random
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UserError
+from .splits import stratified_subset
 
 
 class SeededSampler(Sampler):
-    def __init__(self, size: int, seed: int, shuffle: bool):
-        self.size = size
+    """The data set indices `indices` (all of them: range(len(dataset))), shuffled or in order."""
+
+    def __init__(self, indices: Sequence[int], seed: int, shuffle: bool):
+        self.indices = np.asarray(indices, dtype=np.int64)
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
@@ -27,12 +34,12 @@ class SeededSampler(Sampler):
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return len(self.indices) - self.start
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed & (2**63 - 1), self.epoch])
-        order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
-        sample_seeds = rng.integers(0, 2**63 - 1, size=self.size)
+        order = rng.permutation(self.indices) if self.shuffle else self.indices
+        sample_seeds = rng.integers(0, 2**63 - 1, size=len(self.indices))
         return iter(list(zip(order.tolist(), sample_seeds.tolist()))[self.start :])
 
 
@@ -41,23 +48,38 @@ def default_num_workers() -> int:
     return min(8, cpus)
 
 
-def make_loader(dataset: Dataset, data_cfg, *, train: bool, seed: int, pin_memory: bool = False, batch_size: int | None = None) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    data_cfg,
+    *,
+    train: bool,
+    seed: int,
+    pin_memory: bool = False,
+    batch_size: int | None = None,
+    limit_batches: int | None = None,
+) -> DataLoader:
     """Shuffled, augmented batches for training (the last incomplete batch dropped, unless the data
-    set is smaller than one batch); the data set's order for evaluation."""
+    set is smaller than one batch); the data set's order for evaluation. `limit_batches` (evaluation
+    only; a training loop stops after its own count): the loader covers limit_batches * batch_size
+    items (all of them when there are fewer), a stratified subset fixed by `data.split_seed`, the
+    same every epoch and for every training seed. The data set needs `.labels` for it."""
     batch_size = batch_size or data_cfg.batch_size
     if batch_size < 1:
         raise UserError(f"data.batch_size={batch_size}: must be at least 1")
     workers = default_num_workers() if data_cfg.num_workers is None else data_cfg.num_workers
     if workers < 0:
         raise UserError(f"data.num_workers={workers}: must be 0 (load in the main process) or more; null picks min(8, CPUs)")
+    indices = range(len(dataset))
+    if limit_batches is not None and not train:
+        indices = stratified_subset(dataset.labels, limit_batches * batch_size, data_cfg.split_seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=SeededSampler(len(dataset), seed, shuffle=train),
+        sampler=SeededSampler(indices, seed, shuffle=train),
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
-        drop_last=train and len(dataset) >= batch_size,
+        drop_last=train and len(indices) >= batch_size,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
     )

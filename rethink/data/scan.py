@@ -2,7 +2,8 @@
 
 Every image is decoded in full once (JPEGs at 1/8 scale, which still reads every byte), on a few
 threads; what was found is remembered under `data.cache_dir` by path, size and modification time, so
-scanning an unchanged folder again decodes nothing.
+scanning an unchanged folder again decodes nothing. A file that cannot be decoded is remembered as
+such; one that cannot be read at all (I/O error, permissions) is skipped in this run only.
 """
 
 import logging
@@ -21,8 +22,8 @@ log = logging.getLogger("rethink")
 
 @dataclass(frozen=True)
 class ScanResult:
-    digests: dict[str, str]  # readable file (relative path) -> content hash
-    skipped: dict[str, str]  # unreadable file (relative path) -> why
+    digests: dict[str, str]  # usable file (relative path) -> content hash
+    skipped: dict[str, str]  # file that cannot be read or decoded (relative path) -> why
 
 
 def scan_images(folder: Path, relpaths: list[str], cache_root: Path) -> ScanResult:
@@ -49,9 +50,9 @@ def scan_images(folder: Path, relpaths: list[str], cache_root: Path) -> ScanResu
 
 
 def _check(path: Path) -> tuple[str | None, str | None]:
+    """(content hash, why the file cannot be used or None); the hash is None when it could not be read."""
     try:
         data = path.read_bytes()
     except OSError as e:
         return None, f"cannot read: {e.strerror or e}"
-    error = decode_error(data)
-    return (content_digest(data), None) if error is None else (None, error)
+    return content_digest(data), decode_error(data)

@@ -1,10 +1,13 @@
 """Reproducible, stratified train/val/test splits, and the manifest (splits.csv) that records them.
 
-A split depends only on the sorted file list, the labels, `data.split` and `data.split_seed`, never on
-the training seed or the file system's listing order, so every run of a sweep sees the same images.
+A split depends only on the sorted file list (every listed file, readable or not), the labels, which
+files are identical, `data.split` and `data.split_seed`; never on the training seed or the file
+system's listing order, so every run of a sweep sees the same images. Also the fixed, stratified
+subset that limited evaluation (`trainer.limit_val_batches`) scores.
 """
 
 import csv
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -37,36 +40,80 @@ def part_sizes(count: int, fractions: Sequence[float]) -> list[int]:
     return [count - sum(sizes), *sizes]
 
 
+def shuffled_class(labels: np.ndarray, label: int, seed: int) -> np.ndarray:
+    """The indices of class `label`'s items, shuffled by a generator of its own, seeded by (seed, label)."""
+    return np.random.default_rng([seed, int(label)]).permutation(np.flatnonzero(labels == label))
+
+
 def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> np.ndarray:
-    """The part (index into `fractions`) of each item. Each class is shuffled by its own generator,
-    seeded by (seed, label), and cut by `part_sizes`; items keep their order within a part."""
+    """The part (index into `fractions`) of each item. Each class is shuffled (`shuffled_class`) and
+    cut by `part_sizes`; items keep their order within a part."""
     labels = np.asarray(labels)
     parts = np.zeros(len(labels), dtype=np.int64)
     for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        shuffled = np.random.default_rng([seed, int(label)]).permutation(members)
-        bounds = np.cumsum(part_sizes(len(members), fractions))[:-1]
+        shuffled = shuffled_class(labels, label, seed)
+        bounds = np.cumsum(part_sizes(len(shuffled), fractions))[:-1]
         for part, chunk in enumerate(np.split(shuffled, bounds)):
             parts[chunk] = part
     return parts
 
 
-def assign_splits(labels: Sequence[int], given: Sequence[str | None], fractions: Sequence[float], seed: int) -> list[str]:
+def assign_splits(
+    labels: Sequence[int], given: Sequence[str | None], fractions: Sequence[float], seed: int, copies: Sequence[str | None] | None = None
+) -> list[str]:
     """The split of every item. Items that came without one (an unsplit folder) are split stratified by
     `fractions`. When some came split (a train/ val/ test/ tree, CIFAR's train and test sets), a
-    missing val or test split is carved from train, stratified, by its fraction of `data.split`."""
+    missing val or test split is carved from train, stratified, by its fraction of `data.split`.
+    `copies`: a key per item (its content hash; None when unknown); items with the same key are
+    identical, and every copy whose split is chosen here takes the split of the first such copy, so
+    the same image is never trained on and scored. Splits that came given are kept."""
     labels = np.asarray(labels)
     if all(g is None for g in given):
-        return [SPLITS[p] for p in stratified_split(labels, fractions, seed)]
-    result = list(given)
-    missing = [s for s in SPLITS[1:] if s not in result]
-    if missing:
-        train = np.flatnonzero(np.array([g == "train" for g in result], dtype=bool))
-        carve = [fractions[SPLITS.index(s)] for s in missing]
-        parts = stratified_split(labels[train], [1 - sum(carve), *carve], seed)
-        for index, part in zip(train, parts):
-            result[index] = "train" if part == 0 else missing[part - 1]
+        result = [SPLITS[p] for p in stratified_split(labels, fractions, seed)]
+        chosen = [True] * len(result)
+    else:
+        result = list(given)
+        missing = [s for s in SPLITS[1:] if s not in result]
+        chosen = [bool(missing) and g == "train" for g in given]
+        if missing:
+            train = np.flatnonzero(chosen)
+            carve = [fractions[SPLITS.index(s)] for s in missing]
+            parts = stratified_split(labels[train], [1 - sum(carve), *carve], seed)
+            for index, part in zip(train, parts):
+                result[index] = "train" if part == 0 else missing[part - 1]
+    if copies is None:
+        return result
+    first: dict[str, int] = {}
+    for index, key in enumerate(copies):
+        if key is not None and chosen[index]:
+            result[index] = result[first.setdefault(key, index)]
     return result
+
+
+def copies_across_splits(splits: Sequence[str], copies: Sequence[str | None]) -> int:
+    """How many groups of identical items (equal keys in `copies`) lie in more than one split."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for split, key in zip(splits, copies):
+        if key is not None:
+            found[key].add(split)
+    return sum(len(where) > 1 for where in found.values())
+
+
+def stratified_subset(labels: Sequence[int], count: int, seed: int) -> list[int]:
+    """The indices, in order, of `count` items (all when there are no more). Each class's share is
+    proportional to its frequency, rounded by largest remainder (ties broken at random by `seed`, so
+    with more classes than room the classes left out are not always the last ones); its members are
+    drawn at random by (seed, label). The same items for the same labels and seed."""
+    labels = np.asarray(labels)
+    if count >= len(labels):
+        return list(range(len(labels)))
+    classes, sizes = np.unique(labels, return_counts=True)
+    shares, remainders = np.divmod(count * sizes, len(labels))
+    tie_break = np.random.default_rng(seed).permutation(len(classes))
+    by_remainder = np.lexsort((tie_break, -remainders))
+    shares[by_remainder[: count - shares.sum()]] += 1
+    chosen = [shuffled_class(labels, label, seed)[:share] for label, share in zip(classes, shares)]
+    return sorted(np.concatenate(chosen).tolist())
 
 
 @dataclass(frozen=True)
@@ -75,6 +122,12 @@ class ManifestRow:
     label: int
     class_name: str
     path: str  # relative to the data set's folder, with forward slashes
+
+
+def manifest_rows(splits: Sequence[str], labels: Sequence[int], classes: Sequence[str], paths: Sequence[str]) -> list[ManifestRow]:
+    """One row per item, sorted by split (train, val, test), then path."""
+    rows = (ManifestRow(split, int(label), classes[label], path) for split, label, path in zip(splits, labels, paths))
+    return sorted(rows, key=lambda row: (SPLITS.index(row.split), row.path))
 
 
 def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> None:

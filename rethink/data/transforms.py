@@ -8,8 +8,12 @@ batch-wise on the device (`normalize`), and so does mixup/cutmix (`batch_mixer`)
                           randaugment    flip_crop + RandAugment
                           trivialaugment flip_crop + TrivialAugmentWide
     eval:                 resize the shorter side to round(eval_size / data.crop_pct) + centre crop eval_size
+
+Both work on images decoded at `stored_size` (cached or not): as small as they can be without either
+transform having to enlarge what it crops.
 """
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -27,8 +31,14 @@ def eval_resize(model_cfg, data_cfg) -> int:
 
 
 def stored_size(model_cfg, data_cfg) -> int:
-    """The shorter side an image needs for both transforms: the size decoded images are cached at."""
-    return max(model_cfg.train_size, eval_resize(model_cfg, data_cfg))
+    """The shorter side images are decoded to for both transforms, whether the cache is on or not
+    (never above the original's). RandomResizedCrop may keep as little as `scale[0]` of the area
+    (0.08 by default), whose side is sqrt(scale[0]) of the image's: for that crop still to hold
+    train_size pixels the shorter side needs train_size / sqrt(scale[0]) (792 px for 224). The eval
+    resize, or resize + centre crop (data.augment=none), need their own size only."""
+    steps = getattr(train_transform(model_cfg, data_cfg), "transforms", [])
+    smallest = min((step.scale[0] for step in steps if isinstance(step, v2.RandomResizedCrop)), default=1.0)
+    return max(math.ceil(model_cfg.train_size / math.sqrt(smallest)), eval_resize(model_cfg, data_cfg))
 
 
 def train_transform(model_cfg, data_cfg) -> Callable[[torch.Tensor], torch.Tensor]:

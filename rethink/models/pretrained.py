@@ -7,6 +7,9 @@ tensor maps) and a changed one (what still fits loads, the rest stays at its ini
 listed in the report).
 """
 
+import contextlib
+import io
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,7 +22,9 @@ import torchvision
 from torch import nn
 
 from ..data.locations import downloads_allowed
-from ..errors import UserError
+from ..errors import UserError, why_unreadable
+
+log = logging.getLogger("rethink")
 
 _BLOCK_KEY = re.compile(r"features\.(\d+)\.(\d+)\.block\.(\d+)\.(.+)")
 _CONV_BN = {"0": "conv", "1": "bn"}
@@ -153,13 +158,19 @@ def fetch_torchvision_weights(name: str) -> tuple[dict, list[float], list[float]
         raise UserError(f"model.torchvision_weights={name}: not a torchvision weights name (e.g. EfficientNet_B0_Weights.IMAGENET1K_V1)") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     hint = f"copy {cached.name} into {cached.parent}, or pass model.pretrained=PATH to a state_dict file"
-    if not cached.is_file() and not downloads_allowed():
+    was_cached = cached.is_file()
+    if not was_cached and not downloads_allowed():
         raise UserError(f"model.pretrained=true: {name} is not in the torch hub cache and downloads are off (RETHINK_NO_DOWNLOAD=1); {hint}")
     try:
-        state_dict = weights.get_state_dict(progress=True, check_hash=True)
+        # torch.hub prints 'Downloading: "<url>"' before it tries, so an offline run would print it
+        # above its error; we say what was downloaded once it has been
+        with contextlib.redirect_stdout(io.StringIO()):
+            state_dict = weights.get_state_dict(progress=True, check_hash=True)
     except (URLError, OSError, RuntimeError) as e:
         reason = str(getattr(e, "reason", e)).splitlines()[0][:120]
         raise UserError(f"model.pretrained=true: could not fetch {name} ({reason}); offline, {hint}") from None
+    if not was_cached:
+        log.info(f"model.pretrained=true: downloaded {name} to {cached}")
     preset = weights.transforms()
     return state_dict, list(preset.mean), list(preset.std)
 
@@ -179,8 +190,7 @@ def load_pretrained(model: nn.Module, pretrained: Any, torchvision_weights: Opti
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"model.pretrained={path}: not a readable state_dict ({reason})") from None
+        raise UserError(f"model.pretrained={path}: not a readable state_dict ({why_unreadable(path, e)})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a rethink checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

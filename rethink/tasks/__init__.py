@@ -14,11 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 from ..atomic import atomic_write_text
 from ..config import apply_overrides, changed_keys, compose_config, config_from_checkpoint, override_keys, validate, value
 from ..errors import UserError
+from ..rundir import discard_refused_start
 from ..train.checkpoint import model_from_checkpoint
 from ..train.loop import Inputs
 from ..train.runtime import Precision, resolve_device, resolve_precision
 
 log = logging.getLogger("rethink")
+run_log = logging.getLogger("rethink.run_log")  # the run's run.log only (conf/hydra/job_logging/rethink.yaml)
 
 
 def _tasks():
@@ -88,7 +90,9 @@ def write_json(path: Path, data) -> None:
 
 def run_task(cfg: DictConfig):
     """Run `cfg.task` in Hydra's run directory. A UserError ends a single run with its one-line
-    message and exit status 1; in a sweep it fails that job only (Hydra runs the others, then reports)."""
+    message on stderr and exit status 1, and what the refused run added to the disk is taken back
+    (rundir.discard_refused_start); in a sweep it fails that job only (Hydra runs the others, then
+    reports), and the job's folder keeps its run.log, so the comparison lists the job as failed."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     task = value(cfg.task)
@@ -96,9 +100,11 @@ def run_task(cfg: DictConfig):
         validate(cfg)
         return _tasks()[task](cfg, run_dir)
     except UserError as e:
-        log.error(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        run_log.error(f"error: {e}")
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise
+        discard_refused_start(run_dir)
         sys.exit(1)
     except Exception as e:
         log.error(f"task={task} failed in {run_dir}: {e!r}")  # the traceback follows from Hydra

@@ -7,6 +7,12 @@ also timed with normalisation on the CPU, for a like-for-like figure. Both run i
 `benchmark.threads` threads, without loader workers, over the same training images of the configured
 data set (cache warmed first; `benchmark.warmup` untimed samples each). In-memory data sets
 (synthetic, cifar) have no files: photo-like 500x375 JPEGs are written to a temporary folder instead.
+
+Like with like: both crop the same photos at the same detail. The cache holds each image decoded at the
+shorter side RandomResizedCrop's smallest crop needs (`stored_size`: train_size / sqrt(0.08), 792 px for
+224), never enlarged, so a 500x375 photo is cached whole, as the reference decodes it; only larger photos
+are cached downscaled, still to more pixels than any crop is resized to. `cache_side` in benchmark.json
+is that side; `cached_at_full_size` the fraction of the timed images the cache holds at full size.
 """
 
 import logging
@@ -40,7 +46,7 @@ def benchmark(cfg: DictConfig, run_dir: Path) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(b.threads)
     try:
-        rates, source, cache_side = _measure(cfg)
+        rates, source, cache_side, full_size = _measure(cfg)
     finally:
         torch.set_num_threads(threads)  # the rest of the process (a sweep's next job) keeps its threads
     result = {
@@ -51,6 +57,7 @@ def benchmark(cfg: DictConfig, run_dir: Path) -> dict:
         "batch_size": cfg.data.batch_size,
         "train_size": cfg.model.train_size,
         "cache_side": cache_side,
+        "cached_at_full_size": full_size,
         "cpu": cpu_model(),
         "samples_per_s": {name: round(rate, 1) for name, rate in rates.items()},
         "ratio_cached_vs_reference": round(rates["cached"] / rates["reference"], 2),
@@ -62,15 +69,16 @@ def benchmark(cfg: DictConfig, run_dir: Path) -> dict:
     return result
 
 
-def _measure(cfg: DictConfig) -> tuple[dict, str, int]:
-    """Samples per second of each pipeline, what data they ran on, and the cache's image size."""
+def _measure(cfg: DictConfig) -> tuple[dict, str, int, float]:
+    """Samples per second of each pipeline, what data they ran on, the shorter side the cache holds,
+    and the fraction of the timed images it holds at full size."""
     b = cfg.benchmark
     with tempfile.TemporaryDirectory(prefix="rethink-benchmark-") as tmp:
         data_cfg, source = _file_data(cfg.data, Path(tmp), b.images + b.warmup)
         train = build_data(data_cfg, cfg.model).train
         if not isinstance(train, FileImages) or train.cache is None:
             raise UserError("task=benchmark times the decoded-image cache: leave data.cache=true")
-        keys = list(SeededSampler(len(train), seed=cfg.seed, shuffle=True))
+        keys = list(SeededSampler(range(len(train)), seed=cfg.seed, shuffle=True))
         keys = [keys[i % len(keys)] for i in range(b.warmup + b.images)]
         reference = SeedPipeline(train, cfg.model.train_size, cfg.model.mean, cfg.model.std)
         for index, _ in keys:  # warm the cache: this benchmark times reading it back
@@ -81,7 +89,14 @@ def _measure(cfg: DictConfig) -> tuple[dict, str, int]:
             "cached": _samples_per_s(train, keys, b.warmup, cfg.data.batch_size),
             "cached_cpu_normalize": _samples_per_s(with_cpu_normalize, keys, b.warmup, cfg.data.batch_size),
         }
-        return rates, source, train.cache.shorter_side
+        timed = {i for i, _ in keys}
+        whole = sum(_shorter_side(train.root / train.paths[i]) <= train.stored_side for i in timed)
+        return rates, source, train.stored_side, round(whole / len(timed), 3)
+
+
+def _shorter_side(path: Path) -> int:
+    with Image.open(path) as image:  # reads the header only
+        return min(image.size)
 
 
 def format_benchmark(result: dict) -> str:
@@ -90,7 +105,7 @@ def format_benchmark(result: dict) -> str:
     return "\n".join(
         [
             f"input pipeline, training samples/s {per_core}, {result['train_size']} px, {result['cpu']}",
-            f"data: {result['data']}",
+            f"data: {result['data']}; cached at shorter side <= {result['cache_side']} px ({result['cached_at_full_size']:.0%} at full size)",
             f"  reference (PIL decode + RandomResizedCrop + ToTensor + Normalize) {rates['reference']:8.1f}",
             f"  cached (uint8 cache + RandomResizedCrop + flip)                  {rates['cached']:8.1f}  x{result['ratio_cached_vs_reference']:.2f}",
             f"  cached, normalised on the CPU too                                {rates['cached_cpu_normalize']:8.1f}  x{result['ratio_cached_cpu_normalize_vs_reference']:.2f}",

@@ -1,11 +1,580 @@
-"""task=compare: runs grouped across seeds, confidence intervals, a verdict, plots (being built)."""
+"""task=compare: training runs grouped across seeds, set against each other, with a verdict.
 
+It reads only what every training run already leaves (`.hydra/config.yaml`, `metrics.json`, `run.log`,
+TensorBoard events), so old runs compare too. Top to bottom:
+1. reading: find the run folders under the given folders, and read each run's config, state
+   (done, failed, stopped, incomplete), metrics and val-accuracy curve;
+2. grouping: runs whose configs differ only in ignored keys (seed, device, workers, ...) form a group,
+   labelled by the keys that tell the groups apart;
+3. judging: groups are paired (baseline, candidate) and each pair judged by rethink/stats.py;
+4. writing: comparison.md, comparison.csv, accuracy_vs_cost.png and val_curves.png, and the table on stdout.
+`compare` (task=compare) and `compare_sweep` (the end of every sweep) share `build_comparison` and
+`write_comparison`. Accuracies are fractions in the CSV and percentages (2 decimals) everywhere else.
+"""
+
+import csv
+import functools
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
-from omegaconf import DictConfig
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
+from .. import stats
+from ..atomic import atomic_write, atomic_write_text
+from ..config import CompareConfig, compose_config, config_from_checkpoint, plain, value
 from ..errors import UserError
+
+log = logging.getLogger("rethink")
+
+DONE, FAILED, STOPPED, INCOMPLETE = "done", "failed", "stopped", "incomplete"
+# run.log lines that say where a run without metrics.json stands; the last one found wins
+LOG_MARKERS = (
+    (re.compile(r"\[ERROR\]\s*(.*)"), FAILED),
+    (re.compile(r"\[WARNING\]\s*(stopped by signal.*)"), STOPPED),
+    (re.compile(r"\[INFO\]\s*(resuming .*)"), INCOMPLETE),
+)
+ABSENT = "-"  # a key that one group's config does not have
+
+
+# 1. Reading runs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict  # the run's resolved config, typed by the schema, as plain Python
+    flat: dict  # the same, as dotted key -> leaf value (`model.stages.3.block` -> "fused")
+    state: str
+    metrics: dict  # metrics.json ({} until the run finished)
+    val_curve: dict  # epoch -> val accuracy, from TensorBoard
+    note: str = ""  # why it failed or stopped, from run.log
+
+
+def find_run_dirs(roots: Sequence[Path]) -> list[Path]:
+    """Every folder under `roots` (or a root itself) that holds a Hydra record, once each, in
+    natural order (job 2 before job 10)."""
+    found = {}
+    for root in roots:
+        for record in root.rglob(".hydra/config.yaml"):
+            found.setdefault(record.parent.parent.resolve(), record.parent.parent)
+    return sorted(found.values(), key=_natural_key)
+
+
+def read_runs(folders: Sequence[Path]) -> list[Run]:
+    runs = (read_run(folder) for folder in folders)
+    return [run for run in runs if run is not None]
+
+
+def read_run(folder: Path) -> Optional[Run]:
+    """The training run in `folder`; None when the folder holds another task's record."""
+    config = _load_config(folder / ".hydra" / "config.yaml")
+    if config is None or value(config.get("task", "train")) != "train":
+        return None
+    metrics = _load_json(folder / "metrics.json")
+    val_curve, session_failed = _read_events(folder)
+    if metrics is not None:
+        state, note = DONE, ""
+    else:
+        state, note = _state_from_log(folder / "run.log")
+        if state is None:
+            state = FAILED if session_failed else INCOMPLETE
+    return Run(folder, config, flatten(config), state, metrics or {}, val_curve, note)
+
+
+def _load_config(path: Path) -> Optional[dict]:
+    """The record as the schema types it today (keys added since the run get their defaults); as it
+    is written when the schema no longer fits it."""
+    try:
+        record = OmegaConf.load(path)
+    except Exception:
+        return None
+    try:
+        return plain(config_from_checkpoint(OmegaConf.to_container(record, resolve=True)))
+    except Exception:
+        return OmegaConf.to_container(record, resolve=False, enum_to_str=True)
+
+
+def _load_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _state_from_log(path: Path) -> tuple[Optional[str], str]:
+    """(state, the line that says so) from the last marker line in run.log; (None, "") without one."""
+    state, note = None, ""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return state, note
+    for line in lines:
+        for pattern, meaning in LOG_MARKERS:
+            match = pattern.search(line)
+            if match:
+                state, note = meaning, match[1].strip()
+                break
+    return state, note[:200]
+
+
+def _read_events(folder: Path) -> tuple[dict, bool]:
+    """The val-accuracy curve (the EMA weights' where the run kept them: they picked its best
+    checkpoint) and whether the HPARAMS session ended in failure."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    if not any(folder.glob("events.out.tfevents.*")):
+        return {}, False
+    events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
+    try:
+        events.Reload()
+    except Exception:  # a file cut short by a hard kill: what was read is kept
+        pass
+    tags = events.Tags().get("scalars", [])
+    tag = "val_ema/acc" if "val_ema/acc" in tags else "val/acc"
+    curve = {e.step: e.value for e in events.Scalars(tag)} if tag in tags else {}
+    session = events.PluginTagToContent(metadata.PLUGIN_NAME).get(metadata.SESSION_END_INFO_TAG)
+    failed = session is not None and metadata.parse_session_end_info_plugin_data(session).status == api_pb2.STATUS_FAILURE
+    return curve, failed
+
+
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+# 2. Grouping (pure) --------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Group:
+    runs: list[Run]
+    config: dict  # the flat config its runs share (ignored keys left out)
+    label: dict = field(default_factory=dict)  # the keys that tell the groups apart -> this group's values
+
+    @property
+    def done(self) -> list[Run]:
+        return [run for run in self.runs if run.state == DONE]
+
+    @property
+    def name(self) -> str:
+        return ", ".join(f"{k}={_show(v)}" for k, v in self.label.items()) or "all runs"
+
+
+def flatten(node: Any, prefix: str = "") -> dict:
+    """Nested dicts and lists as dotted keys (`model.stages.3.block`); an empty container is one leaf."""
+    if isinstance(node, dict) and node:
+        items = node.items()
+    elif isinstance(node, list) and node:
+        items = enumerate(node)
+    else:
+        return {prefix[:-1]: json.dumps(node) if isinstance(node, (dict, list)) else node}
+    flat = {}
+    for key, child in items:
+        flat.update(flatten(child, f"{prefix}{key}."))
+    return flat
+
+
+def is_ignored(key: str, ignored: Sequence[str]) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in ignored)
+
+
+def group_runs(runs: Sequence[Run], ignored: Sequence[str]) -> list[Group]:
+    """Runs with equal configs once the `ignored` keys (and everything under them) are left out, in
+    the order of their first run."""
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        config = {k: v for k, v in run.flat.items() if not is_ignored(k, ignored)}
+        groups.setdefault(tuple(sorted(config.items(), key=lambda item: item[0])), Group([], config)).runs.append(run)
+    return list(groups.values())
+
+
+def label_groups(groups: Sequence[Group], model_defaults: Callable[[str], dict]) -> list[str]:
+    """Set each group's label to the keys whose values differ between the groups, and return those keys.
+    A `model.*` key is left out where every group has its model's own value (`model_defaults(name)`),
+    so `model=b0,v2_s` is told apart by `model.name` alone, not by every size and stage."""
+    keys = list(dict.fromkeys(k for group in groups for k in group.config))
+    differing = [k for k in keys if len({repr(g.config.get(k, ABSENT)) for g in groups}) > 1]
+
+    def implied(key: str) -> bool:
+        return key.startswith("model.") and key != "model.name" and all(
+            g.config.get(key, ABSENT) == model_defaults(str(g.config.get("model.name"))).get(key, ABSENT) for g in groups
+        )
+
+    shown = [k for k in differing if not implied(k)]
+    for group in groups:
+        group.label = {k: group.config.get(k, ABSENT) for k in shown}
+    return shown
+
+
+def pick_groups(groups: Sequence[Group], option: str, text: str) -> list[Group]:
+    """The groups that `compare.<option>=<text>` selects: `key=value` conditions joined by commas
+    (`key:value` too, for the command line, where Hydra keeps `=` for itself)."""
+    keys = list(dict.fromkeys(k for group in groups for k in group.config))
+    picked = list(groups)
+    for condition in text.split(","):
+        match = re.fullmatch(r"\s*([^=:\s]+)\s*[=:]\s*(.*?)\s*", condition)
+        if not match:
+            raise UserError(f"compare.{option}={text}: expected key=value (key:value on the command line), e.g. model.stages.3.block=mbconv")
+        key, wanted = match[1], match[2]
+        if key not in keys and f"{key}.name" in keys:  # a group's name: model=v2_s means model.name=v2_s
+            key = f"{key}.name"
+        if key not in keys:
+            differing = ", ".join(k for k in groups[0].label) or "none, there is one group"
+            raise UserError(f"compare.{option}={text}: the runs have no key {key}; the keys that differ between groups: {differing}")
+        picked = [g for g in picked if _matches(g.config.get(key, ABSENT), wanted)]
+        if not picked:
+            values = ", ".join(dict.fromkeys(_show(g.config.get(key, ABSENT)) for g in groups))
+            raise UserError(f"compare.{option}={text}: no group has {key}={wanted}; its values in the groups: {values}")
+    return picked
+
+
+def pair_groups(groups: Sequence[Group], baseline: Optional[list[Group]], candidate: Optional[list[Group]]) -> list[tuple[Group, Group]]:
+    """(baseline, candidate) pairs. Without filters every group is set against the first. When a filter
+    picks several groups (one per model, say), each candidate is set against the baseline group that
+    differs from it in the fewest keys."""
+    if baseline is None and candidate is None:
+        return [(groups[0], group) for group in groups[1:]]
+    if baseline is None:
+        baseline = [g for g in groups if g not in candidate]
+    if candidate is None:
+        candidate = [g for g in groups if g not in baseline]
+    candidate = [g for g in candidate if g not in baseline]
+    if not baseline or not candidate:
+        raise UserError("compare.baseline and compare.candidate pick the same groups; they must leave at least one group on each side")
+
+    def distance(a: Group, b: Group) -> int:
+        return sum(a.label.get(k) != b.label.get(k) for k in a.label)
+
+    return [(min(baseline, key=lambda b: distance(b, c)), c) for c in candidate]
+
+
+def _matches(actual: Any, wanted: str) -> bool:
+    if actual is None or isinstance(actual, bool):
+        return _show(actual) == wanted.lower() or (actual is None and wanted.lower() == "none")
+    if isinstance(actual, (int, float)):
+        try:
+            return float(wanted) == float(actual)
+        except ValueError:
+            return False
+    return str(actual) == wanted
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+# 3. Judging (pure) ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    groups: list[Group]
+    keys: list[str]  # the keys that tell the groups apart
+    rows: list[dict]  # one per group, accuracies as fractions
+    verdicts: list[dict]  # one per pair
+    settings: CompareConfig
+    sources: list[str]
+
+
+def build_comparison(runs: Sequence[Run], settings: CompareConfig, sources: Sequence[str] = (),
+                     model_defaults: Optional[Callable[[str], dict]] = None) -> Comparison:
+    ignored = ["seed", *settings.ignore, *settings.also_ignore]
+    groups = group_runs(runs, ignored)
+    keys = label_groups(groups, model_defaults or default_model_config)
+    pairs = []
+    if groups:
+        baseline = pick_groups(groups, "baseline", settings.baseline) if settings.baseline else None
+        candidate = pick_groups(groups, "candidate", settings.candidate) if settings.candidate else None
+        pairs = pair_groups(groups, baseline, candidate)
+    rows = [summarise(number, group, settings.confidence) for number, group in enumerate(groups, 1)]
+    verdicts = [judge(groups.index(a) + 1, a, groups.index(b) + 1, b, settings) for a, b in pairs]
+    return Comparison(groups, keys, rows, verdicts, settings, list(sources))
+
+
+def summarise(number: int, group: Group, confidence: float) -> dict:
+    """One row of the table: the group's label, its seeds, and its runs' numbers (mean over seeds)."""
+    done = group.done
+    test = stats.describe(_values(done, "test_acc"), confidence)
+    best_val = stats.describe(_values(done, "best_val_acc"), confidence)
+    epochs = [(r.metrics["train_time_s"] / r.metrics["epochs"]) for r in done if r.metrics.get("epochs") and "train_time_s" in r.metrics]
+    return {
+        "group": number,
+        **{k: _show(v) for k, v in group.label.items()},
+        "seeds": test.n,
+        "runs": _states(group.runs),
+        "test_acc_mean": test.mean,
+        "test_acc_std": test.std,
+        "test_acc_ci_low": test.ci[0] if test.ci else None,
+        "test_acc_ci_high": test.ci[1] if test.ci else None,
+        "best_val_acc_mean": best_val.mean,
+        "best_val_acc_std": best_val.std,
+        "final_train_loss": _mean(_values(done, "final_train_loss")),
+        "params": _mean(_values(done, "params")),
+        "gmacs": _mean(_values(done, "gmacs")),
+        "s_per_epoch": _mean(epochs),
+        "train_img_s": _mean(_values(done, "train_img_s")),
+        "peak_memory_mb": _mean(_values(done, "peak_memory_mb")),
+    }
+
+
+def judge(number_a: int, baseline: Group, number_b: int, candidate: Group, settings: CompareConfig) -> dict:
+    d = stats.compare_samples(_values(baseline.done, "test_acc"), _values(candidate.done, "test_acc"),
+                              settings.confidence, settings.power, settings.detect)
+    return {
+        "baseline": number_a, "candidate": number_b, "baseline_name": baseline.name, "candidate_name": candidate.name,
+        "baseline_seeds": d.baseline.n, "candidate_seeds": d.candidate.n,
+        "diff": d.diff, "ci_low": d.ci[0] if d.ci else None, "ci_high": d.ci[1] if d.ci else None, "p_value": d.p_value,
+        "verdict": d.verdict, "detectable": d.detectable, "seeds_needed": d.seeds_needed,
+    }
+
+
+def _values(runs: Sequence[Run], key: str) -> list[float]:
+    return [float(r.metrics[key]) for r in runs if isinstance(r.metrics.get(key), (int, float))]
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _states(runs: Sequence[Run]) -> str:
+    counts = {state: sum(r.state == state for r in runs) for state in (DONE, FAILED, STOPPED, INCOMPLETE)}
+    return ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+
+
+# 4. Writing ----------------------------------------------------------------------------------------
+
+
+def write_comparison(comparison: Comparison, out_dir: Path) -> str:
+    """comparison.md, comparison.csv and (when some run finished) the two plots in `out_dir`; prints
+    the table and the verdicts. Returns the Markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finished = any(group.done for group in comparison.groups)
+    if finished:
+        _save(_accuracy_vs_cost(comparison), out_dir / "accuracy_vs_cost.png")
+        _save(_val_curves(comparison), out_dir / "val_curves.png")
+    table = markdown(comparison)
+    atomic_write_text(out_dir / "comparison.md", table + _runs_section(comparison))
+    atomic_write_text(out_dir / "comparison.csv", _csv(comparison))
+    print(table, end="")
+    print(f"wrote {out_dir / 'comparison.md'}, comparison.csv" + (", accuracy_vs_cost.png, val_curves.png" if finished else ""))
+    return table
+
+
+def markdown(comparison: Comparison) -> str:
+    """The table, the verdicts and the runs that did not finish, as Markdown."""
+    s = comparison.settings
+    level = f"{s.confidence:.0%}"
+    lines = ["# Comparison", ""]
+    if comparison.sources:
+        lines += [f"Runs under: {', '.join(comparison.sources)}", ""]
+    runs = [run for group in comparison.groups for run in group.runs]
+    if not runs:
+        return "\n".join(lines + ["No training runs found.", ""])
+    if not any(group.done for group in comparison.groups):
+        lines += [f"No run finished ({_states(runs)}): nothing to compare.", ""]
+    lines += [
+        f"{len(runs)} runs in {len(comparison.groups)} groups; a group is the runs whose configs differ only in "
+        f"seed and {', '.join([*s.ignore, *s.also_ignore])}. Accuracies in percent: mean ± standard deviation over seeds, "
+        f"{level} confidence interval of the mean.",
+        "",
+    ]
+    header = ["#", *comparison.keys, "seeds", "runs", "test acc %", f"{level} CI", "best val acc %", "final train loss",
+              "params", "GMACs", "s/epoch", "img/s", "peak MB"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in comparison.rows:
+        cells = [
+            str(row["group"]), *(row[k] for k in comparison.keys), str(row["seeds"]), row["runs"],
+            _pm(row["test_acc_mean"], row["test_acc_std"]), _interval(row["test_acc_ci_low"], row["test_acc_ci_high"]),
+            _pm(row["best_val_acc_mean"], row["best_val_acc_std"]), _number(row["final_train_loss"], ".4f"),
+            _number(row["params"], ",.0f"), _number(row["gmacs"], ".3f"), _number(row["s_per_epoch"], ".1f"),
+            _number(row["train_img_s"], ".0f"), _number(row["peak_memory_mb"], ".0f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if comparison.verdicts:
+        lines += [f"## Verdicts (candidate - baseline, test accuracy; Welch's t, {level} confidence)", ""]
+        lines += [f"- {_verdict_line(v, s)}" for v in comparison.verdicts]
+        lines.append("")
+    unfinished = [run for run in runs if run.state != DONE]
+    if unfinished:
+        lines += ["## Runs that did not finish", ""]
+        lines += [f"- {run.state}: {run.path}" + (f" ({run.note})" if run.note else "") for run in unfinished]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _verdict_line(v: dict, s: CompareConfig) -> str:
+    pair = f"#{v['candidate']} ({v['candidate_name']}) vs #{v['baseline']} ({v['baseline_name']})"
+    seeds = f"{v['candidate_seeds']} vs {v['baseline_seeds']} seeds"
+    if v["diff"] is None:
+        return f"{pair}, {seeds}: **{v['verdict']}** (a side has no finished run)"
+    text = f"{pair}, {seeds}: {_points(v['diff'])} points"
+    if v["ci_low"] is None:
+        return f"{text}: **{v['verdict']}** (fewer than 2 seeds on a side: no spread to judge by)"
+    needed = f"{v['seeds_needed']}" if v["seeds_needed"] is not None else f"more than {stats.MOST_SEEDS}"
+    return (
+        f"{text}, CI [{_points(v['ci_low'])}, {_points(v['ci_high'])}]: **{v['verdict']}**. "
+        f"These seeds detect {100 * v['detectable']:.2f} points ({s.power:.0%} power, {1 - s.confidence:.0%} level); "
+        f"{100 * s.detect:.2f} points would need {needed} seeds a side."
+    )
+
+
+def _runs_section(comparison: Comparison) -> str:
+    lines = ["## Runs", "", "| group | seed | state | test acc % | folder |", "|---|---|---|---|---|"]
+    for number, group in enumerate(comparison.groups, 1):
+        for run in group.runs:
+            test = run.metrics.get("test_acc")
+            lines.append(f"| {number} | {run.flat.get('seed', ABSENT)} | {run.state} | {_number(test and 100 * test, '.2f')} | {run.path} |")
+    return "\n".join(lines) + "\n" if comparison.groups else ""
+
+
+def _csv(comparison: Comparison) -> str:
+    out = io.StringIO()
+    if comparison.rows:
+        writer = csv.DictWriter(out, fieldnames=list(comparison.rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in comparison.rows)
+    return out.getvalue()
+
+
+def _pm(mean: Optional[float], std: Optional[float]) -> str:
+    if mean is None:
+        return ABSENT
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _interval(low: Optional[float], high: Optional[float]) -> str:
+    return f"[{100 * low:.2f}, {100 * high:.2f}]" if low is not None else ABSENT
+
+
+def _points(fraction: float) -> str:
+    return f"{100 * fraction:+.2f}"
+
+
+def _number(x: Optional[float], spec: str) -> str:
+    return ABSENT if x is None else format(x, spec)
+
+
+def _figure(width: float, height: float, columns: int = 1):
+    from matplotlib.figure import Figure  # Agg through savefig: no display, no pyplot state
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    return figure, figure.subplots(1, columns, squeeze=False)[0]
+
+
+def _save(figure, path: Path) -> None:
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120))
+
+
+def _accuracy_vs_cost(comparison: Comparison):
+    """Test accuracy against GMACs and against parameters, one point per group (the EfficientNet
+    paper's first figure); error bars are the standard deviation over seeds."""
+    figure, (by_gmacs, by_params) = _figure(12, 5, columns=2)
+    for number, (group, row) in enumerate(zip(comparison.groups, comparison.rows), 1):
+        if row["test_acc_mean"] is None:
+            continue
+        y, spread = 100 * row["test_acc_mean"], 100 * (row["test_acc_std"] or 0)
+        for axes, x in ((by_gmacs, row["gmacs"]), (by_params, row["params"] and row["params"] / 1e6)):
+            if x is None:
+                continue
+            axes.errorbar([x], [y], yerr=[spread], fmt="o", capsize=4, label=f"#{number} {group.name}")
+            axes.annotate(f"#{number}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    by_gmacs.set_xlabel("GMACs per image (eval size)")
+    by_params.set_xlabel("parameters (millions)")
+    for axes in (by_gmacs, by_params):
+        axes.set_ylabel("test accuracy % (mean ± std over seeds)")
+        axes.grid(alpha=0.3)
+    by_params.legend(fontsize=7, loc="best")
+    figure.suptitle("Test accuracy against cost")
+    return figure
+
+
+def _val_curves(comparison: Comparison):
+    """Mean val accuracy per epoch per group, with a band of ± one standard deviation across seeds."""
+    figure, (axes,) = _figure(8, 5)
+    for number, group in enumerate(comparison.groups, 1):
+        curves = [run.val_curve for run in group.done if run.val_curve]
+        if not curves:
+            continue
+        epochs = sorted(set().union(*curves))
+        per_epoch = [[100 * c[e] for c in curves if e in c] for e in epochs]
+        mean = np.array([np.mean(v) for v in per_epoch])
+        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_epoch])
+        (line,) = axes.plot(epochs, mean, marker="o", markersize=3, label=f"#{number} {group.name} ({len(curves)} seeds)")
+        axes.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("val accuracy % (mean ± std over seeds)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.suptitle("Validation accuracy per epoch")
+    return figure
+
+
+# Entry points ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def default_model_config(name: str) -> dict:
+    """The flat `model.*` keys of `model=<name>` as conf/ defines it today ({} for an unknown model)."""
+    try:
+        return {k: v for k, v in flatten(plain(compose_config([f"model={name}"]))).items() if k.startswith("model.")}
+    except Exception:
+        return {}
 
 
 def compare(cfg: DictConfig, run_dir: Path) -> dict:
-    raise UserError("task=compare is not built yet")
+    """task=compare: the runs under `compare.dirs` (relative to the directory run.py was started from)."""
+    settings: CompareConfig = OmegaConf.to_object(cfg.compare)
+    if not settings.dirs:
+        raise UserError("compare.dirs=[]: name at least one folder: a sweep, a run, or outputs")
+    roots = [Path(d).expanduser() for d in settings.dirs]
+    for root, given in zip(roots, settings.dirs):
+        if not root.is_dir():
+            raise UserError(f"compare.dirs: {given} is not a folder (relative paths start from {Path.cwd()})")
+    runs = read_runs(find_run_dirs(roots))
+    if not runs:
+        raise UserError(f"compare.dirs=[{','.join(settings.dirs)}]: no training runs there (folders holding .hydra/config.yaml with task=train)")
+    comparison = build_comparison(runs, settings, settings.dirs)
+    write_comparison(comparison, run_dir)
+    return {"groups": comparison.rows, "verdicts": comparison.verdicts}
+
+
+def compare_sweep(sweep_dir: Path) -> None:
+    """The end of a sweep: its comparison in its folder, and the table on stdout. Never raises: a
+    sweep whose jobs all failed gets a comparison that says so. Its settings are the compare.* keys
+    the jobs ran with (an experiment may set compare.baseline); a filter that fits no group falls
+    back to setting every group against the first."""
+    sweep_dir = Path(sweep_dir)
+    try:
+        runs = read_runs(find_run_dirs([sweep_dir]))
+        settings = _settings_of(runs)
+        try:
+            comparison = build_comparison(runs, settings, [str(sweep_dir)])
+        except UserError as e:
+            print(f"compare: {e}; setting every group against the first instead")
+            comparison = build_comparison(runs, replace(settings, baseline=None, candidate=None), [str(sweep_dir)])
+        write_comparison(comparison, sweep_dir)
+    except Exception as e:  # a comparison must never take the sweep's runs down with it
+        message = f"could not compare the runs of {sweep_dir}: {e!r}; try python run.py task=compare compare.dirs=[{sweep_dir}]"
+        log.warning(message)
+        try:
+            atomic_write_text(sweep_dir / "comparison.md", f"# Comparison\n\n{message}\n")
+        except OSError:
+            pass
+
+
+def _settings_of(runs: Sequence[Run]) -> CompareConfig:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompareConfig), runs[0].config.get("compare", {})))
+    except Exception:
+        return CompareConfig()

@@ -1,6 +1,6 @@
 """task=export ckpt=PATH: the model as `model.pt2` (torch.export) and, with the `onnx` extra installed,
 `model.onnx`; each checked against the PyTorch model on a sample batch, with `preprocess.json`
-saying how to feed them."""
+saying how to feed them: step by step, what the run's val/test splits and task=predict do to a file."""
 
 import importlib.util
 import logging
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..data.transforms import eval_resize
+from ..data import describe_eval_preprocessing
 from ..errors import UserError
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 from . import checkpoint_run_config, write_json
@@ -55,10 +55,8 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("no model.onnx: the onnx extra is not installed (pip install -e '.[onnx]')")
 
     preprocess = {
-        "input": "float32 NCHW RGB, values scaled to [0, 1], then (x - mean) / std",
-        "resize": eval_resize(run_cfg.model, run_cfg.data),
-        "crop": size,
-        "interpolation": "bilinear, antialiased",
+        **describe_eval_preprocessing(run_cfg.model, run_cfg.data),
+        "input": "the cropped uint8 RGB image as float32 NCHW, values scaled to [0, 1], then (x - mean) / std",
         "mean": list(run_cfg.model.mean),
         "std": list(run_cfg.model.std),
         "classes": list(state["classes"]),

@@ -1,5 +1,7 @@
 """task=predict ckpt=PATH inputs=PATH: top-k classes for every image in a file, a folder (recursive)
-or a glob, with the checkpoint's own eval transforms and class names."""
+or a glob, with the checkpoint's class names. Each image is preprocessed exactly as the run's val/test
+splits were (`rethink.data.eval_images`: the same decode, the same eval transform), so the test
+accuracy a run reports is that of the predictions made here."""
 
 import csv
 import glob
@@ -10,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..data import eval_transform, load_image
+from ..data import eval_images
 from ..errors import UserError
 from ..train.checkpoint import load_checkpoint
 from . import restore
@@ -26,17 +28,17 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
     classes = list(state["classes"])
     topk = min(cfg.predict.topk, len(classes))
     files = find_inputs(str(cfg.inputs))
-    transform = eval_transform(restored.config.model, restored.config.data)
+    preprocessed = eval_images(files, restored.config.model, restored.config.data)
 
     rows, skipped, shown = [], [], []
     for start in range(0, len(files), cfg.predict.batch_size):
         batch, paths = [], []
-        for path in files[start : start + cfg.predict.batch_size]:
+        for index in range(start, min(start + cfg.predict.batch_size, len(files))):
             try:
-                batch.append(transform(load_image(path)))
-                paths.append(path)
+                batch.append(preprocessed[index][0])
+                paths.append(files[index])
             except UserError:
-                skipped.append(str(path))
+                skipped.append(str(files[index]))
         if not batch:
             continue
         images = torch.stack(batch)
@@ -78,17 +80,13 @@ def find_inputs(spec: str) -> list[Path]:
 
 
 def write_predictions(path: Path, rows: list[dict], topk: int) -> None:
-    header = ["path", "top1_class", "top1_prob"]
-    for k in range(1, topk + 1):
-        header += [f"top{k}_class", f"top{k}_prob"]
+    """Columns: path, top1_class, top1_prob, ..., top{k}_class, top{k}_prob."""
+    header = ["path"] + [f"top{k}_{what}" for k in range(1, topk + 1) for what in ("class", "prob")]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
-            line = [row["path"], row["classes"][0], f"{row['probs'][0]:.6f}"]
-            for c, p in zip(row["classes"], row["probs"]):
-                line += [c, f"{p:.6f}"]
-            writer.writerow(line)
+            writer.writerow([row["path"]] + [cell for c, p in zip(row["classes"], row["probs"]) for cell in (c, f"{p:.6f}")])
 
 
 def save_grid(path: Path, images: list[torch.Tensor], rows: list[dict]) -> None:

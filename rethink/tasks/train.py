@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
-from ..config import config_from_checkpoint, plain
+from ..config import config_from_checkpoint, plain, value
 from ..data import build_data, make_loader, set_epoch
 from ..data.transforms import batch_mixer
 from ..errors import UserError
@@ -25,20 +25,23 @@ from ..models import build_model
 from ..models.pretrained import load_pretrained
 from ..models.profile import count_gmacs, count_params
 from ..train.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
-from ..train.loop import EpochTotals, Inputs, Learner, NonFiniteLoss, evaluate, train_epoch
+from ..train.loop import EpochTotals, Inputs, Interrupted, Learner, NonFiniteLoss, evaluate, train_epoch
 from ..train.metrics import confusion_figure
 from ..train.optim import build_optimizer, build_scheduler
-from ..train.runtime import StopSignals, peak_memory_mb, reset_memory_stats, resolve_device, resolve_precision, seed_everything
+from ..train.runtime import (
+    StopSignals, peak_memory_mb, reset_memory_stats, resolve_device, resolve_precision, seed_everything, set_cpu_threads,
+)
 from ..train.tensorboard import log_session_end, log_session_start, open_writer
-from . import checkpoint_run_config, hydra_choice, write_json
+from . import checkpoint_run_config, command_line_keys, hydra_choice, write_json
 
 log = logging.getLogger("rethink")
 
 # What `resume=` may change: how the run computes and how long it goes on, never what it is.
+# (Not trainer.limit_val_batches: it changes which images validate; nor data.cache: a run keeps how it was read.)
 RESUMABLE = (
-    "trainer.epochs", "trainer.device", "trainer.amp", "trainer.compile", "trainer.progress",
-    "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.cudnn_benchmark",
-    "trainer.image_grid", "data.num_workers", "data.root", "data.cache", "data.cache_dir",
+    "trainer.epochs", "trainer.device", "trainer.amp", "trainer.compile", "trainer.progress", "trainer.cpu_threads",
+    "trainer.log_every_n_steps", "trainer.cudnn_benchmark", "trainer.image_grid", "data.num_workers", "data.root",
+    "data.cache_dir",
 )
 
 
@@ -62,7 +65,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     elif (run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with resume={run_dir}, or choose another hydra.run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = fit(cfg, run_dir, state, layout=hydra_choice("stages"))
+    metrics = fit(cfg, run_dir, state, layout=_layout_name(cfg))
     print(f"test acc {metrics['test_acc']:.4f} (best val acc {metrics['best_val_acc']:.4f} at epoch {metrics['best_epoch']})")
     print(f"run directory: {run_dir}")
     return metrics
@@ -70,6 +73,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: str = "") -> dict:
     t = cfg.trainer
+    cpu_threads = set_cpu_threads(t.cpu_threads)
     seed_everything(cfg.seed, t.deterministic)
     device = resolve_device(t.device)
     precision = resolve_precision(t.amp.value, device)
@@ -77,27 +81,10 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
     reset_memory_stats(device)
 
-    if resumed is None:
-        data = build_data(cfg.data, cfg.model)
-        data.write_run_files(run_dir)
-    else:  # the run's own split, even if files were added to the data set since
-        manifest = run_dir / "splits.csv"
-        data = build_data(cfg.data, cfg.model, manifest=manifest if manifest.is_file() else None)
-        if list(data.classes) != list(resumed["classes"]):
-            raise UserError(f"resume={run_dir}: the data's classes {data.classes} are not the run's {resumed['classes']}")
+    data = _data(cfg, run_dir, resumed)
     classes = data.classes
-    model = build_model(cfg.model, len(classes))
-    if resumed is None and cfg.model.pretrained not in (False, None):
-        report, norm = load_pretrained(model, cfg.model.pretrained, cfg.model.torchvision_weights)
-        log.info(f"pretrained weights ({cfg.model.pretrained}): {report}")
-        if norm:
-            cfg.model.mean, cfg.model.std = norm
-    if cfg.model.freeze.value == "backbone":
-        model.freeze_backbone()
-    progress = Progress()
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        progress = Progress(**{k: resumed[k] for k in asdict(progress)})
+    model = _model(cfg, len(classes), resumed)
+    progress = Progress(**{k: resumed[k] for k in asdict(Progress())}) if resumed else Progress()
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -106,7 +93,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
 
     pin = device.type == "cuda"
     train_loader = make_loader(data.train, cfg.data, train=True, seed=cfg.seed, pin_memory=pin)
-    val_loader = make_loader(data.val, cfg.data, train=False, seed=cfg.seed, pin_memory=pin)
+    val_loader = make_loader(data.val, cfg.data, train=False, seed=cfg.seed, pin_memory=pin, limit_batches=t.limit_val_batches)
     steps = len(train_loader) if t.limit_train_batches is None else min(len(train_loader), t.limit_train_batches)
     if resumed and resumed.get("steps_per_epoch", steps) != steps:
         raise UserError(
@@ -117,19 +104,15 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     scheduler = build_scheduler(optimizer, steps, t.epochs, plain(cfg.scheduler))
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     if resumed:
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        if scaler is not None and resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        if ema is not None and resumed.get("ema"):
-            ema.module.load_state_dict(resumed["ema"])
-            ema.n_averaged.fill_(resumed["ema_updates"])
+        _restore_training_state(resumed, optimizer, scheduler, scaler, ema)
     inputs = Inputs(device, tuple(cfg.model.mean), tuple(cfg.model.std), t.channels_last)
     learner = Learner(forward, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, len(classes)), t.label_smoothing, t.grad_clip)
 
     params, gmacs = count_params(model), count_gmacs(model, cfg.model.eval_size)
     show_progress = t.progress if t.progress is not None else sys.stdout.isatty()
     ckpt_dir = run_dir / "checkpoints"
+    if resumed:
+        _set_aside_earlier_metrics(run_dir, progress.epoch)
     writer = open_writer(run_dir, resume_step=progress.epoch if resumed else None)
     ok = False
     try:
@@ -140,70 +123,46 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         log.info(
             f"{'resuming' if resumed else 'training'} {cfg.model.name} ({params:,} params, {gmacs:.2f} GMACs) on "
             f"{cfg.data.name.value} ({len(data.train)}/{len(data.val)}/{len(data.test)} images, {len(classes)} classes), "
-            f"{device} {precision.name}, epochs {progress.epoch + 1}-{t.epochs}, run dir {run_dir}"
+            f"{_device_line(device, precision, cpu_threads)}, epochs {progress.epoch + 1}-{t.epochs}, run dir {run_dir}"
         )
 
         with StopSignals() as stop:
+            saved_rng = resumed.get("rng") if resumed and progress.partial else None
             for epoch in range(progress.epoch + 1, t.epochs + 1):
-                torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+                _seed_epoch(cfg.seed, epoch, saved_rng)
+                saved_rng = None
                 totals = EpochTotals(**progress.partial) if progress.partial else EpochTotals()
                 set_epoch(train_loader, epoch, start_batch=totals.batches)  # after an interrupt: where it stopped
-                batches = islice(train_loader, steps - totals.batches)
-                try:
-                    totals = train_epoch(
-                        learner, batches, steps, totals,
-                        log_every=t.log_every_n_steps, progress=show_progress,
-                        description=f"epoch {epoch}/{t.epochs}", should_stop=lambda: bool(stop.requested),
-                    )
-                except NonFiniteLoss as e:
-                    last = f"{ckpt_dir / 'last.pt'} (epoch {progress.epoch})" if progress.epoch else "none (no epoch finished)"
-                    raise UserError(
-                        f"{e} in epoch {epoch}; training stopped. Last good checkpoint: {last}. "
-                        "Try a lower optimizer.lr, trainer.grad_clip=1.0, or trainer.amp=off"
-                    ) from None
-                if totals.interrupted:
+                totals = _train_epoch(learner, islice(train_loader, steps - totals.batches), steps, totals, epoch, t, show_progress, stop, progress, ckpt_dir)
+                val = val_ema = None
+                if not totals.interrupted:
+                    try:
+                        val = evaluate(forward, val_loader, inputs, precision, len(classes), progress=show_progress, description="val", should_stop=stop)
+                        val_ema = evaluate(ema.module, val_loader, inputs, precision, len(classes), progress=show_progress, description="val ema", should_stop=stop) if ema else None
+                    except Interrupted:
+                        totals.interrupted = True
+                if totals.interrupted:  # saved where it stopped, random state included: the resume finishes the epoch exactly
                     progress.partial = asdict(totals)
-                    save_checkpoint(_checkpoint(model, learner, cfg, classes, steps, progress), ckpt_dir / "last.pt")
-                    log.warning(f"stopped by signal {stop.requested} in epoch {epoch} after {totals.batches} batches; "
-                                f"saved {ckpt_dir / 'last.pt'}; continue with resume={run_dir}")
-                    raise SystemExit(128 + stop.requested)
-                val = evaluate(forward, val_loader, inputs, precision, len(classes), t.limit_val_batches)
-                val_ema = evaluate(ema.module, val_loader, inputs, precision, len(classes), t.limit_val_batches) if ema else None
-                score = (val_ema or val).acc
-                improved = score > progress.best_val_acc
-                if improved:
-                    progress.best_val_acc, progress.best_epoch = score, epoch
-                progress.epoch = epoch
-                progress.train_time_s += totals.seconds
-                progress.train_images += totals.images
-                lr = optimizer.param_groups[0]["lr"]
-                record = dict(epoch=epoch, train_loss=totals.loss, train_acc=totals.acc, val_loss=val.loss, val_acc=val.acc,
-                              lr=lr, epoch_s=totals.seconds, train_img_s=totals.images_per_s)
-                if val_ema:
-                    record.update(val_ema_loss=val_ema.loss, val_ema_acc=val_ema.acc)
-                progress.history.append(record)
+                    save_checkpoint(_checkpoint(model, learner, cfg, classes, steps, progress, rng=_rng_state()), ckpt_dir / "last.pt")
+                    _stop(stop, f"in epoch {epoch} after {totals.batches} of {steps} batches", ckpt_dir, run_dir)
+                record = _end_epoch(epoch, totals, val, val_ema, progress)
                 _log_epoch(writer, record, progress.best_val_acc)
                 writer.flush()  # before the checkpoint: a kill between the two re-runs this epoch, logged once
-                progress.partial = None
                 save_checkpoint(_checkpoint(model, learner, cfg, classes, steps, progress), ckpt_dir / "last.pt")
-                if improved:
+                if progress.best_epoch == epoch:
                     copy_checkpoint(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
-                log.info(
-                    f"epoch {epoch}/{t.epochs}  train loss {totals.loss:.4f} acc {totals.acc:.4f}  "
-                    f"val loss {val.loss:.4f} acc {val.acc:.4f}"
-                    + (f" (ema {val_ema.acc:.4f})" if val_ema else "")
-                    + f"  best {progress.best_val_acc:.4f} @{progress.best_epoch}  lr {lr:.3g}  "
-                    f"{totals.images_per_s:.0f} img/s  {totals.seconds:.1f}s"
-                )
+                log.info(_epoch_line(record, progress, t.epochs))
+                if stop.requested:
+                    _stop(stop, f"after epoch {epoch}", ckpt_dir, run_dir)
 
-        best = load_checkpoint(ckpt_dir / "best.pt", key="best checkpoint")
-        weights = best["ema"] if ema is not None and best.get("ema") else best["model"]
-        model.load_state_dict(weights)
-        test_loader = make_loader(data.test, cfg.data, train=False, seed=cfg.seed, pin_memory=pin)
-        test = evaluate(model, test_loader, inputs, precision, len(classes))
+            try:
+                test, best_epoch = _test_best(model, ckpt_dir, ema is not None, data.test, cfg, inputs, precision, len(classes), pin, show_progress, stop)
+            except Interrupted:
+                _stop(stop, f"while scoring the test split after epoch {progress.epoch}", ckpt_dir, run_dir)
         writer.add_scalar("test/acc", test.acc, progress.epoch)
         writer.add_scalar("test/loss", test.loss, progress.epoch)
-        writer.add_figure("test/confusion_matrix", confusion_figure(test.confusion, classes, f"test, epoch {best['epoch']}"), progress.epoch)
+        writer.add_figure("test/confusion_matrix", confusion_figure(test.confusion, classes, f"test, epoch {best_epoch}"), progress.epoch)
+        peak_mb, peak_kind = peak_memory_mb(device)
         last = progress.history[-1]
         metrics = dict(
             best_val_acc=progress.best_val_acc,
@@ -213,14 +172,18 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             test_acc=test.acc,
             test_loss=test.loss,
             test_images=test.images,
+            val_images=len(val_loader.dataset),
+            weights="ema" if ema is not None else "model",
             epochs=progress.epoch,
             params=params,
             gmacs=round(gmacs, 4),
             train_time_s=round(progress.train_time_s, 2),
             train_img_s=round(progress.train_images / progress.train_time_s, 1) if progress.train_time_s else 0.0,
-            peak_memory_mb=round(peak_memory_mb(device), 1),
+            peak_memory_mb=round(peak_mb, 1),
+            peak_memory=peak_kind,
             device=str(device),
             precision=precision.name,
+            cpu_threads=cpu_threads,
             model=cfg.model.name,
             seed=cfg.seed,
         )
@@ -240,6 +203,127 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             torch.cuda.empty_cache()
 
 
+def _data(cfg: DictConfig, run_dir: Path, resumed: Optional[dict]):
+    """The data set; a resumed run keeps its own split (its splits.csv), even if files were added since."""
+    if resumed is None:
+        data = build_data(cfg.data, cfg.model)
+        data.write_run_files(run_dir)
+        return data
+    manifest = run_dir / "splits.csv"
+    data = build_data(cfg.data, cfg.model, manifest=manifest if manifest.is_file() else None)
+    if list(data.classes) != list(resumed["classes"]):
+        raise UserError(f"resume={run_dir}: the data's classes {data.classes} are not the run's {resumed['classes']}")
+    return data
+
+
+def _model(cfg: DictConfig, num_classes: int, resumed: Optional[dict]):
+    """The network, with pretrained weights (a new run) or the run's own (a resume), frozen as asked."""
+    model = build_model(cfg.model, num_classes)
+    if resumed is None and cfg.model.pretrained not in (False, None):
+        report, norm = load_pretrained(model, cfg.model.pretrained, cfg.model.torchvision_weights)
+        log.info(f"pretrained weights ({cfg.model.pretrained}): {report}")
+        if norm:
+            cfg.model.mean, cfg.model.std = norm
+    if cfg.model.freeze.value == "backbone":
+        model.freeze_backbone()
+    if resumed:
+        model.load_state_dict(resumed["model"])
+    return model
+
+
+def _restore_training_state(resumed: dict, optimizer, scheduler, scaler, ema) -> None:
+    optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    if scaler is not None and resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
+    if ema is not None and resumed.get("ema"):
+        ema.module.load_state_dict(resumed["ema"])
+        ema.n_averaged.fill_(resumed["ema_updates"])
+
+
+def _train_epoch(learner, batches, steps, totals, epoch, t, show_progress, stop, progress, ckpt_dir) -> EpochTotals:
+    try:
+        return train_epoch(
+            learner, batches, steps, totals, log_every=t.log_every_n_steps, progress=show_progress,
+            description=f"epoch {epoch}/{t.epochs}", should_stop=stop,
+        )
+    except NonFiniteLoss as e:
+        last = f"{ckpt_dir / 'last.pt'} (epoch {progress.epoch})" if progress.epoch else "none (no epoch finished)"
+        raise UserError(
+            f"{e} in epoch {epoch}; training stopped. Last good checkpoint: {last}. "
+            "Try a lower optimizer.lr, trainer.grad_clip=1.0, or trainer.amp=off"
+        ) from None
+
+
+def _end_epoch(epoch: int, totals: EpochTotals, val, val_ema, progress: Progress) -> dict:
+    """Add a finished epoch to `progress`; returns its record (what the log and TensorBoard show)."""
+    score = (val_ema or val).acc
+    if score > progress.best_val_acc:
+        progress.best_val_acc, progress.best_epoch = score, epoch
+    progress.epoch = epoch
+    progress.train_time_s += totals.seconds
+    progress.train_images += totals.images
+    progress.partial = None
+    record = dict(epoch=epoch, train_loss=totals.loss, train_acc=totals.acc, val_loss=val.loss, val_acc=val.acc,
+                  lr=totals.lr, epoch_s=totals.seconds, train_img_s=totals.images_per_s)
+    if val_ema:
+        record.update(val_ema_loss=val_ema.loss, val_ema_acc=val_ema.acc)
+    progress.history.append(record)
+    return record
+
+
+def _epoch_line(record: dict, progress: Progress, epochs: int) -> str:
+    ema = f" (ema {record['val_ema_acc']:.4f})" if "val_ema_acc" in record else ""
+    return (
+        f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
+        f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}{ema}  best {progress.best_val_acc:.4f} @{progress.best_epoch}  "
+        f"lr {record['lr']:.3g}  {record['train_img_s']:.0f} img/s  {record['epoch_s']:.1f}s"
+    )
+
+
+def _test_best(model, ckpt_dir: Path, use_ema: bool, test_set, cfg, inputs, precision, num_classes, pin, show_progress, stop):
+    """The best checkpoint's weights (its EMA weights when the run keeps an EMA) scored on the test split."""
+    best = load_checkpoint(ckpt_dir / "best.pt", key="best checkpoint")
+    model.load_state_dict(best["ema"] if use_ema and best.get("ema") else best["model"])
+    test_loader = make_loader(test_set, cfg.data, train=False, seed=cfg.seed, pin_memory=pin)
+    log.info(f"scoring the best checkpoint (epoch {best['epoch']}) on the test split ({len(test_set)} images)")
+    test = evaluate(model, test_loader, inputs, precision, num_classes, progress=show_progress, description="test", should_stop=stop)
+    return test, best["epoch"]
+
+
+def _stop(stop: StopSignals, where: str, ckpt_dir: Path, run_dir: Path) -> None:
+    log.warning(f"stopped by signal {stop.requested} {where}; saved {ckpt_dir / 'last.pt'}; continue with resume={run_dir}")
+    raise SystemExit(128 + stop.requested)
+
+
+def _seed_epoch(seed: int, epoch: int, saved_rng: Optional[dict]) -> None:
+    """Torch's random state for an epoch (dropout, drop path, mixup): seeded from (seed, epoch), or, in
+    an epoch that a signal cut short, the state it had when it stopped."""
+    torch.manual_seed(_epoch_seed(seed, epoch))
+    if saved_rng is not None:
+        torch.set_rng_state(saved_rng["cpu"])
+        if saved_rng.get("cuda") and torch.cuda.is_available() and len(saved_rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved_rng["cuda"])
+
+
+def _rng_state() -> dict:
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+
+
+def _set_aside_earlier_metrics(run_dir: Path, epochs: int) -> None:
+    """A run continued past the epochs it was scored at: its old metrics.json (kept as
+    metrics.epoch<N>.json) no longer describes the run, which gets a new one when it finishes."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        metrics.replace(run_dir / f"metrics.epoch{epochs}.json")
+
+
+def _device_line(device: torch.device, precision, cpu_threads: int) -> str:
+    if device.type == "cpu":
+        return f"cpu ({cpu_threads} threads), {precision.name}"
+    return f"{device}, {precision.name}"
+
+
 def _resume(cfg: DictConfig) -> tuple[DictConfig, Path, dict]:
     """The saved run's config, with what the command line may change on a resume taken from it."""
     run_dir = Path(cfg.resume).expanduser()
@@ -251,17 +335,23 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, Path, dict]:
     saved = config_from_checkpoint(state["config"])
     changed = [k for k in taken if not k.startswith(RESUMABLE) and OmegaConf.select(merged, k) != OmegaConf.select(saved, k)]
     if changed:
-        diffs = ", ".join(f"{k} (was {_short(OmegaConf.select(saved, k))})" for k in changed)
+        diffs = ", ".join(f"{k}: {_short(saved, k)} -> {_short(merged, k)}" for k in changed)
         raise UserError(
             f"resume={run_dir} continues that run as it was configured, but the command line changes {diffs}; "
             f"a resume may change only {', '.join(RESUMABLE)}"
         )
+    done, epochs = state["epoch"], merged.trainer.epochs
+    if epochs < done:
+        raise UserError(f"resume={run_dir}: the run already trained {done} epochs, more than trainer.epochs={epochs}; raise trainer.epochs to continue it")
+    if epochs == done and (run_dir / "metrics.json").is_file():
+        raise UserError(f"resume={run_dir}: already trained {done} epochs and scored; raise trainer.epochs to continue (e.g. trainer.epochs={done + 10})")
     merged.resume = str(run_dir)
     return merged, run_dir, state
 
 
-def _checkpoint(model, learner: Learner, cfg: DictConfig, classes: list, steps: int, progress: Progress) -> dict:
-    """Everything a resume needs (`model` is the module itself, not its torch.compile wrapper)."""
+def _checkpoint(model, learner: Learner, cfg: DictConfig, classes: list, steps: int, progress: Progress, rng: Optional[dict] = None) -> dict:
+    """Everything a resume needs (`model` is the module itself, not its torch.compile wrapper); `rng`:
+    torch's random state where a signal cut an epoch short."""
     ema = learner.ema
     return dict(
         model=model.state_dict(),
@@ -273,6 +363,7 @@ def _checkpoint(model, learner: Learner, cfg: DictConfig, classes: list, steps: 
         steps_per_epoch=steps,
         config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         classes=list(classes),
+        rng=rng,
         **asdict(progress),
     )
 
@@ -283,28 +374,36 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _hparams(cfg: DictConfig, layout: str, model, params: int, gmacs: float) -> dict:
-    return {
-        "model": cfg.model.name,
-        "stages": layout or "custom",
-        "blocks": ",".join(s.block for s in model.spec.stages),
-        "data": cfg.data.name.value,
-        "optimizer": cfg.optimizer.name.value,
-        "lr": cfg.optimizer.lr,
-        "scheduler": cfg.scheduler.name.value,
-        "batch_size": cfg.data.batch_size,
-        "epochs": cfg.trainer.epochs,
-        "train_size": cfg.model.train_size,
-        "eval_size": cfg.model.eval_size,
-        "drop_path_rate": cfg.model.drop_path_rate,
-        "drop_path_schedule": cfg.model.drop_path_schedule.value,
-        "augment": cfg.data.augment.value,
-        "pretrained": str(cfg.model.pretrained),
-        "freeze": cfg.model.freeze.value,
-        "ema": cfg.trainer.ema,
-        "seed": cfg.seed,
-        "params": params,
-        "gmacs": round(gmacs, 4),
+    """What the run is, for TensorBoard's HPARAMS table: the recipe, and the network as built: one
+    column per stage (`mbconv e6 k3 s2 c24 x2 se0.25`: block, expansion, kernel, stride, output
+    channels, repeats, squeeze-excite ratio, after width and depth scaling)."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.trainer
+    stages = {
+        f"stage_{i}": f"{s.block} e{s.expand:g} k{s.kernel} s{s.stride} c{s.out} x{s.repeats} se{s.se:g}"
+        for i, s in enumerate(model.spec.stages)
     }
+    return {
+        "model": m.name, "stages": layout, **stages,
+        "width": m.width, "depth": m.depth, "stem": model.spec.stem, "head": model.spec.head,
+        "train_size": m.train_size, "eval_size": m.eval_size, "dropout": m.dropout,
+        "drop_path_rate": m.drop_path_rate, "drop_path_schedule": m.drop_path_schedule.value,
+        "pretrained": str(m.pretrained), "freeze": m.freeze.value,
+        "data": d.name.value, "split_seed": d.split_seed, "batch_size": d.batch_size, "augment": d.augment.value,
+        "mixup_alpha": d.mixup_alpha, "cutmix_alpha": d.cutmix_alpha, "crop_pct": d.crop_pct,
+        "optimizer": o.name.value, "lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay,
+        "scheduler": cfg.scheduler.name.value, "warmup_epochs": cfg.scheduler.warmup_epochs,
+        "epochs": t.epochs, "label_smoothing": t.label_smoothing, "grad_clip": t.grad_clip or 0.0,
+        "ema": t.ema, "ema_decay": t.ema_decay if t.ema else 0.0,
+        "limit_train_batches": t.limit_train_batches or 0, "limit_val_batches": t.limit_val_batches or 0,
+        "seed": cfg.seed, "params": params, "gmacs": round(gmacs, 4),
+    }
+
+
+def _layout_name(cfg: DictConfig) -> str:
+    """The stage layout file, marked `+edits` when the command line changed its stages."""
+    layout = hydra_choice("stages") or "custom"
+    edited = any(k.startswith("model.stages") for k in command_line_keys(cfg)) if cfg.resume is None else False
+    return f"{layout}+edits" if edited else layout
 
 
 def _log_epoch(writer, record: dict, best_val_acc: float) -> None:
@@ -328,6 +427,10 @@ def _image_grid(dataset, count: int = 16) -> torch.Tensor:
     return make_grid(torch.stack(images), nrow=8)
 
 
-def _short(value) -> str:
-    text = json.dumps(plain(value)) if OmegaConf.is_config(value) else str(value)
+def _short(cfg: DictConfig, key: str) -> str:
+    """A config value for a message: a group by its name (`model: b0 -> v2_s`), long values cut."""
+    node = OmegaConf.select(cfg, key)
+    if OmegaConf.is_dict(node) and "name" in node:
+        return str(value(node.name))
+    text = json.dumps(plain(node)) if OmegaConf.is_config(node) else str(value(node))
     return text if len(text) <= 60 else text[:57] + "..."

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write
-from ..errors import UserError
+from ..errors import UserError, why_unreadable
 
 FORMAT = "rethink-checkpoint"
 VERSION = 1
@@ -53,8 +53,7 @@ def load_checkpoint(path: Any, key: str = "ckpt") -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever a truncated or foreign file makes the unpickler raise
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise UserError(f"{key}={path}: not a readable checkpoint (truncated, or not saved by rethink): {reason}") from None
+        raise UserError(f"{key}={path}: not a readable checkpoint ({why_unreadable(path, e)}); task=train writes them as <run dir>/checkpoints/best.pt") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{key}={path}: not a rethink checkpoint (no '{FORMAT}' marker); task=eval/predict/export need a checkpoint written by task=train")
     if state.get("version", 0) > VERSION:

@@ -19,6 +19,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class Interrupted(Exception):
+    """Evaluation stopped early because a stop was requested."""
+
+
 @dataclass
 class Inputs:
     """Turns a loader's uint8 batch into the model's input: on the device, normalised, in the
@@ -55,7 +59,8 @@ class Learner:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns the loss and the number of correct top-1 predictions, both
-        still on the device (reading them would synchronise)."""
+        still on the device (reading them would synchronise). A step the gradient scaler skips (fp16
+        overflow) leaves the weights, the schedule and the EMA as they were."""
         x = self.inputs(images)
         labels = labels.to(x.device, non_blocking=True)
         targets = labels
@@ -65,21 +70,25 @@ class Learner:
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
+        stepped = True
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # the scaler lowers its scale exactly when it skipped the step
         else:
             loss.backward()
             if self.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
+        if stepped:
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         correct = (logits.detach().argmax(1) == labels).sum()
         return loss.detach(), correct
 
@@ -94,6 +103,7 @@ class EpochTotals:
     images: int = 0
     batches: int = 0
     seconds: float = 0.0
+    lr: Optional[float] = None  # the learning rate of the epoch's first step
     interrupted: bool = False
 
     @property
@@ -138,6 +148,8 @@ def train_epoch(
             if should_stop():
                 totals.interrupted = True
                 break
+            if totals.lr is None:
+                totals.lr = learner.optimizer.param_groups[0]["lr"]
             loss, hits = learner.step(images_u8, labels)
             n = labels.shape[0]
             finite = torch.isfinite(loss)
@@ -170,6 +182,13 @@ def train_epoch(
     return totals
 
 
+def _length(batches: Iterable) -> Optional[int]:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
 def _check_finite(nonfinite: torch.Tensor, window: int, scaled: bool, batch: int) -> None:
     count = int(nonfinite.item())
     if count and (not scaled or count >= window):
@@ -191,21 +210,27 @@ def evaluate(
     inputs: Inputs,
     precision: Precision,
     num_classes: int,
-    limit: Optional[int] = None,
+    *,
+    progress: bool = False,
+    description: str = "",
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Evaluation:
-    """Loss (plain cross entropy, no smoothing), top-1 accuracy and the confusion matrix."""
+    """Loss (plain cross entropy, no smoothing), top-1 accuracy and the confusion matrix over all of
+    `batches`. Raises Interrupted when `should_stop()` turns true between batches."""
     model.eval()
     loss_sum = torch.zeros((), device=inputs.device, dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=inputs.device)
-    for i, (images_u8, labels) in enumerate(batches):
-        if limit is not None and i >= limit:
-            break
-        x = inputs(images_u8)
-        labels = labels.to(x.device, non_blocking=True)
-        with precision.autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        confusion += confusion_matrix(logits.argmax(1), labels, num_classes)
+    with tqdm(total=_length(batches), desc=description, disable=not progress, leave=False, dynamic_ncols=True, file=sys.stdout) as bar:
+        for images_u8, labels in batches:
+            if should_stop():
+                raise Interrupted
+            x = inputs(images_u8)
+            labels = labels.to(x.device, non_blocking=True)
+            with precision.autocast():
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            confusion += confusion_matrix(logits.argmax(1), labels, num_classes)
+            bar.update()
     confusion = confusion.cpu()
     images = int(confusion.sum())
     return Evaluation(

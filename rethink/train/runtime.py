@@ -39,7 +39,7 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     @property
     def needs_scaler(self) -> bool:
@@ -81,21 +81,54 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.deterministic = deterministic  # must not inherit it
 
 
+def set_cpu_threads(threads: int | None) -> int:
+    """Torch's intra-op threads: `threads`, or (null) one per CPU this process may use. Returns the
+    number in use. The count changes the order of floating-point sums, so runs that must match
+    bit for bit need the same count."""
+    torch.set_num_threads(threads or available_cpus())
+    return torch.get_num_threads()
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_PEAK_RSS_RESETTABLE = os.path.exists("/proc/self/clear_refs")
+
+
 def reset_memory_stats(device: torch.device) -> None:
+    """Start measuring the peak from now: CUDA's allocator statistics, or on the CPU (Linux) the
+    process's peak resident set, so that a sweep's job does not report the peak of the jobs before it."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif _PEAK_RSS_RESETTABLE:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (Linux 4.0+)
+        except OSError:
+            pass
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by tensors on CUDA; the process's peak resident memory on the CPU."""
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """The peak since reset_memory_stats and what it measures: `cuda_allocated` (memory held by
+    tensors on the GPU), `process_rss` (the process's peak resident memory on the CPU, Linux), or
+    `process_rss_lifetime` where the peak cannot be reset (the process's whole life)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return peak_kb / 1024, "process_rss"
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss_lifetime"
 
 
 class StopSignals:
     """While active, SIGINT and SIGTERM only set `requested` (to the signal number), so the loop can
     save a checkpoint between steps and exit; a second signal interrupts at once."""
+
+    def __call__(self) -> bool:
+        return bool(self.requested)
 
     def __init__(self):
         self.requested = 0

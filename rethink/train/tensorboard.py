@@ -18,26 +18,42 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
 
+# What a run writes when it ends; a resumed run writes them again at its new end.
+END_OF_RUN_TAGS = ("test/", metadata.SESSION_END_INFO_TAG)
+
+
 def open_writer(run_dir: Path, resume_step: int | None = None) -> SummaryWriter:
     """A writer for `run_dir`. When resuming after epoch `resume_step`, events logged after that
-    step (an epoch that was logged but not checkpointed before a crash) are dropped first, so the
-    continued run has exactly one point per step."""
+    step (an epoch that was logged but not checkpointed before a crash) and the end of the earlier
+    session (its test scores, its HPARAMS session end) are dropped first, so the continued run has
+    exactly one point per step and one end."""
     if resume_step is not None:
         truncate_events(run_dir, resume_step)
     return SummaryWriter(log_dir=str(run_dir), flush_secs=3600)  # we flush at the end of every epoch
 
 
 def truncate_events(run_dir: Path, last_step: int) -> int:
-    """Rewrite the run's event files without events whose step is beyond `last_step` (and without a
-    record cut short by a hard kill). Returns how many events were dropped."""
+    """Rewrite the run's event files without events whose step is beyond `last_step`, without
+    END_OF_RUN_TAGS, and without a record cut short by a hard kill. Returns how many events were
+    dropped or cut."""
     dropped = 0
     for path in sorted(run_dir.glob("events.out.tfevents.*")):
-        kept, total = [], 0
+        kept, total, changed = [], 0, 0
         for record in RawEventFileLoader(str(path)).Load():
             total += 1
-            if event_pb2.Event.FromString(record).step <= last_step:
-                kept.append(record)
-        if len(kept) == total:
+            event = event_pb2.Event.FromString(record)
+            if event.step > last_step:
+                continue
+            if event.HasField("summary") and any(v.tag.startswith(END_OF_RUN_TAGS) for v in event.summary.value):
+                values = [v for v in event.summary.value if not v.tag.startswith(END_OF_RUN_TAGS)]
+                if not values:
+                    continue
+                changed += 1
+                del event.summary.value[:]
+                event.summary.value.extend(values)
+                record = event.SerializeToString()
+            kept.append(record)
+        if len(kept) == total and not changed:
             continue
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
@@ -46,7 +62,7 @@ def truncate_events(run_dir: Path, last_step: int) -> int:
                 writer.write(record)
             writer.flush()
         tmp.replace(path)
-        dropped += total - len(kept)
+        dropped += total - len(kept) + changed
     return dropped
 
 
