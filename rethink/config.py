@@ -86,6 +86,11 @@ class EvalSplit(Enum):  # the train split is augmented: scoring it would measure
     test = "test"
 
 
+class Progressive(Enum):
+    none = "none"  # train at model.train_size with fixed regularisation (as without the group)
+    v2 = "v2"  # EfficientNetV2's progressive learning: image size and regularisation grow per stage
+
+
 @dataclass
 class StageConfig:
     block: Block = Block.mbconv
@@ -241,6 +246,22 @@ class CompareConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """Progressive learning (rethink/train/progressive.py): training split into `stages` equal parts; stage k
+    of M (0-based) trains at min_size + (model.train_size - min_size) * (k + 1) / M px (a multiple of 8; the last
+    stage at model.train_size) with each regulariser at start + (end - start) * k / (M - 1). [start, end] pairs;
+    null: the run's own value (model.dropout; data.mixup_alpha; RandAugment's 3, torchvision's default). The
+    defaults are the v2 preset (conf/progressive/v2.yaml says where each value comes from)."""
+
+    name: Progressive = Progressive.none
+    stages: int = 4
+    min_size: int = 128
+    dropout: List[Optional[float]] = field(default_factory=lambda: [0.1, None])
+    randaug_magnitude: List[Optional[float]] = field(default_factory=lambda: [5.0, 10.0])  # the papers' 0-10 scale
+    mixup_alpha: List[Optional[float]] = field(default_factory=lambda: [0.0, None])
+
+
+@dataclass
 class RethinkConfig:
     task: Task = Task.train
     seed: int = 0
@@ -252,6 +273,7 @@ class RethinkConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -272,6 +294,11 @@ _NULL_OR_AT_LEAST_1 = (lambda v: v is None or v >= 1, "null or at least 1")
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 _POSITIVE = (lambda v: v > 0, "positive")
 _NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+
+
+def _pair(ok, allowed: str):
+    """A [start, end] pair, each null (the run's own value) or `allowed`."""
+    return (lambda v: len(v) == 2 and all(x is None or ok(x) for x in v), f"[start, end], each null or {allowed}")
 
 # Ranges the schema's types cannot express (the block spec checks its own keys in models/spec.py).
 RANGES = {
@@ -305,6 +332,11 @@ RANGES = {
     "trainer.limit_train_batches": _NULL_OR_AT_LEAST_1,
     "trainer.limit_val_batches": _NULL_OR_AT_LEAST_1,
     "trainer.log_every_n_steps": _AT_LEAST_1,
+    "progressive.stages": _AT_LEAST_1,
+    "progressive.min_size": (lambda v: v >= 8, "at least 8 (pixels)"),
+    "progressive.dropout": _pair(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "progressive.randaug_magnitude": _pair(lambda v: 0 <= v <= 10, "in [0, 10] (the papers' scale; 10 is torchvision's strongest)"),
+    "progressive.mixup_alpha": _pair(lambda v: v >= 0, "0 or more"),
     "predict.topk": _AT_LEAST_1,
     "predict.batch_size": _AT_LEAST_1,
     "export.batch_size": _AT_LEAST_1,

@@ -280,3 +280,23 @@ def test_a_sweep_experiment_without_m_runs_as_a_sweep(tmp_path):
     assert not (tmp_path / "outputs" / "train").exists()
     jobs = list(tmp_path.glob("outputs/multirun/*/*/0_v2_s*/metrics.json"))
     assert len(jobs) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_the_resume_completes(tmp_path):
+    from test_train import wait_for_checkpoint_writes
+
+    args = [*TINY, "data.num_workers=2", "trainer.epochs=4", "trainer.limit_train_batches=null", f"hydra.run.dir={tmp_path}"]
+    process = subprocess.Popen([*RUN, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    wait_for_checkpoint_writes(tmp_path / "checkpoints" / "last.pt", process, writes=1)
+    for _ in range(2):  # as `timeout` does: the process, then its whole group (the loader workers too)
+        os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped by signal 15" in output and "Traceback" not in output, output[-3000:]
+    resumed = run_py(*args, f"resume={tmp_path}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["scheduler"]["last_epoch"] == 4 * ckpt["steps_per_epoch"]  # no step repeated or lost
+    assert [step for step, _ in scalars(tmp_path)["val/acc"]] == [1, 2, 3, 4]

@@ -273,8 +273,9 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     )
     assert result.returncode != 0
     assert "model.pretrained=/nonexistent.pt" in result.stderr and "no such file" in result.stderr
-    assert (tmp_path / "1_b0" / "metrics.json").is_file()
-    assert not (tmp_path / "0_b0" / "metrics.json").exists()
+    assert (tmp_path / "1_b0_pretrained=false" / "metrics.json").is_file()
+    assert (tmp_path / "0_b0_pretrained=-nonexistent.pt" / "run.log").is_file()  # the failed job keeps its folder and log
+    assert not (tmp_path / "0_b0_pretrained=-nonexistent.pt" / "metrics.json").exists()
 
 
 def test_rmsprop_tf_matches_tensorflows_update_rule():

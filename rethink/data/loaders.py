@@ -10,6 +10,7 @@ therefore scores a fixed stratified subset, not the first batches (which would b
 
 import os
 import random
+import signal
 from typing import Sequence
 
 import numpy as np
@@ -99,3 +100,8 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    # A stop signal sent to the whole process group (SLURM, `timeout`, a container stop, Ctrl-C) is the
+    # main process's to handle: it saves a checkpoint and then shuts the workers down. A worker that died
+    # of it first would turn that save into a DataLoader crash. (Workers still exit with their parent.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

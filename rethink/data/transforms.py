@@ -41,19 +41,35 @@ def stored_size(model_cfg, data_cfg) -> int:
     return max(math.ceil(model_cfg.train_size / math.sqrt(smallest)), eval_resize(model_cfg, data_cfg))
 
 
-def train_transform(model_cfg, data_cfg) -> Callable[[torch.Tensor], torch.Tensor]:
-    size = model_cfg.train_size
+def train_transform(
+    model_cfg, data_cfg, *, size: int | None = None, randaug_magnitude: float | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 3xHxW -> uint8 3 x size x size. `size` (default model.train_size) and `randaug_magnitude` (the
+    papers' 0-10 scale; default torchvision's magnitude 9 of 0-30, i.e. 3) are a progressive-learning stage's."""
+    size = size or model_cfg.train_size
     augment = value(data_cfg.augment)
     if augment == "none":
         return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
     steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
     if augment == "randaugment":
-        steps.append(v2.RandAugment())
+        steps.append(v2.RandAugment() if randaug_magnitude is None else v2.RandAugment(magnitude=randaug_bin(randaug_magnitude)))
     elif augment == "trivialaugment":
         steps.append(v2.TrivialAugmentWide())
     elif augment != "flip_crop":
         raise UserError(f"data.augment={augment}: allowed: none, flip_crop, randaugment, trivialaugment")
     return v2.Compose(steps)
+
+
+RANDAUG_BINS_PER_LEVEL = 3  # torchvision's RandAugment: magnitude bins 0-30; the papers' (TF, timm) levels: 0-10
+
+
+def randaug_bin(level: float) -> int:
+    """torchvision's RandAugment magnitude (bin 0-30) for a level on the papers' 0-10 scale: at 10 both give
+    each op its full range (rotate 30 degrees, shear 0.3, colour factors 0.1-1.9, posterize to 4 bits), as
+    the official EfficientNet(V2) code (autoaugment.py, _MAX_LEVEL = 10) does. Steps of 1/3 level."""
+    if not 0 <= level <= 10:
+        raise UserError(f"RandAugment magnitude {level}: must be in [0, 10] (the papers' scale; 10 is torchvision's strongest)")
+    return round(level * RANDAUG_BINS_PER_LEVEL)
 
 
 def eval_transform(model_cfg, data_cfg) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -68,12 +84,13 @@ def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[f
     return images_uint8.float().sub_(mean).div_(std)
 
 
-def batch_mixer(data_cfg, num_classes: int) -> Callable | None:
+def batch_mixer(data_cfg, num_classes: int, *, mixup_alpha: float | None = None) -> Callable | None:
     """MixUp and/or CutMix (one of them, picked at random per batch) for (float images, int labels)
-    batches; labels come back as mixed one-hot rows. None when data.mixup_alpha and data.cutmix_alpha are 0."""
+    batches; labels come back as mixed one-hot rows. None when data.mixup_alpha and data.cutmix_alpha are 0.
+    `mixup_alpha` replaces data.mixup_alpha (a progressive-learning stage's)."""
     mixers = []
     for key, mixer in (("mixup_alpha", v2.MixUp), ("cutmix_alpha", v2.CutMix)):
-        alpha = float(data_cfg[key])
+        alpha = float(mixup_alpha if key == "mixup_alpha" and mixup_alpha is not None else data_cfg[key])
         if alpha < 0:
             raise UserError(f"data.{key}={alpha}: must be 0 (off) or positive")
         if alpha > 0:

@@ -63,6 +63,13 @@ class EfficientNet(nn.Module):
     def num_classes(self) -> int:
         return self.classifier.out_features
 
+    def set_dropout(self, p: float) -> None:
+        """The classifier's dropout probability (model.dropout at construction; progressive learning
+        changes it between epochs). Not part of the state_dict."""
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.dropout.p = p
+
     def backbone(self) -> list[nn.Module]:
         return [self.stem, self.stages, self.head]
 

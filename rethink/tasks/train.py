@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..models import build_model
 from ..models.pretrained import load_pretrained
 from ..models.profile import count_gmacs, count_params
+from ..train import progressive as progressive_learning
 from ..train.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from ..train.loop import EpochTotals, Inputs, Interrupted, Learner, NonFiniteLoss, evaluate, train_epoch
 from ..train.metrics import confusion_figure
@@ -107,6 +108,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         _restore_training_state(resumed, optimizer, scheduler, scaler, ema)
     inputs = Inputs(device, tuple(cfg.model.mean), tuple(cfg.model.std), t.channels_last)
     learner = Learner(forward, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, len(classes)), t.label_smoothing, t.grad_clip)
+    stages = progressive_learning.ProgressiveLearning(cfg, len(classes), pin_memory=pin)  # progressive=none: changes nothing
 
     params, gmacs = count_params(model), count_gmacs(model, cfg.model.eval_size)
     show_progress = t.progress if t.progress is not None else sys.stdout.isatty()
@@ -129,6 +131,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         with StopSignals() as stop:
             saved_rng = resumed.get("rng") if resumed and progress.partial else None
             for epoch in range(progress.epoch + 1, t.epochs + 1):
+                train_loader = stages.apply(epoch, train_loader, model, learner)  # a new stage: its image size and regularisation
                 _seed_epoch(cfg.seed, epoch, saved_rng)
                 saved_rng = None
                 totals = EpochTotals(**progress.partial) if progress.partial else EpochTotals()
@@ -145,7 +148,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
                     progress.partial = asdict(totals)
                     save_checkpoint(_checkpoint(model, learner, cfg, classes, steps, progress, rng=_rng_state()), ckpt_dir / "last.pt")
                     _stop(stop, f"in epoch {epoch} after {totals.batches} of {steps} batches", ckpt_dir, run_dir)
-                record = _end_epoch(epoch, totals, val, val_ema, progress)
+                record = _end_epoch(epoch, totals, val, val_ema, progress, stages.record())
                 _log_epoch(writer, record, progress.best_val_acc)
                 writer.flush()  # before the checkpoint: a kill between the two re-runs this epoch, logged once
                 save_checkpoint(_checkpoint(model, learner, cfg, classes, steps, progress), ckpt_dir / "last.pt")
@@ -255,8 +258,9 @@ def _train_epoch(learner, batches, steps, totals, epoch, t, show_progress, stop,
         ) from None
 
 
-def _end_epoch(epoch: int, totals: EpochTotals, val, val_ema, progress: Progress) -> dict:
-    """Add a finished epoch to `progress`; returns its record (what the log and TensorBoard show)."""
+def _end_epoch(epoch: int, totals: EpochTotals, val, val_ema, progress: Progress, stage: dict) -> dict:
+    """Add a finished epoch to `progress`; returns its record (what the log and TensorBoard show).
+    `stage`: progressive learning's settings for the epoch (none without it)."""
     score = (val_ema or val).acc
     if score > progress.best_val_acc:
         progress.best_val_acc, progress.best_epoch = score, epoch
@@ -268,6 +272,7 @@ def _end_epoch(epoch: int, totals: EpochTotals, val, val_ema, progress: Progress
                   lr=totals.lr, epoch_s=totals.seconds, train_img_s=totals.images_per_s)
     if val_ema:
         record.update(val_ema_loss=val_ema.loss, val_ema_acc=val_ema.acc)
+    record.update(stage)
     progress.history.append(record)
     return record
 
@@ -395,7 +400,7 @@ def _hparams(cfg: DictConfig, layout: str, model, params: int, gmacs: float) -> 
         "epochs": t.epochs, "label_smoothing": t.label_smoothing, "grad_clip": t.grad_clip or 0.0,
         "ema": t.ema, "ema_decay": t.ema_decay if t.ema else 0.0,
         "limit_train_batches": t.limit_train_batches or 0, "limit_val_batches": t.limit_val_batches or 0,
-        "seed": cfg.seed, "params": params, "gmacs": round(gmacs, 4),
+        "seed": cfg.seed, "params": params, "gmacs": round(gmacs, 4), **progressive_learning.hparams(cfg),
     }
 
 
@@ -419,6 +424,9 @@ def _log_epoch(writer, record: dict, best_val_acc: float) -> None:
     writer.add_scalar("lr", record["lr"], step)
     writer.add_scalar("time/epoch_s", record["epoch_s"], step)
     writer.add_scalar("throughput/train_img_s", record["train_img_s"], step)
+    for key in progressive_learning.SCALARS:  # with progressive learning: the epoch's image size and regularisation
+        if key in record:
+            writer.add_scalar(f"train/{key}", record[key], step)
 
 
 def _image_grid(dataset, count: int = 16) -> torch.Tensor:

@@ -5,6 +5,7 @@ import random
 import resource
 import signal
 import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -125,14 +126,19 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 class StopSignals:
     """While active, SIGINT and SIGTERM only set `requested` (to the signal number), so the loop can
-    save a checkpoint between steps and exit; a second signal interrupts at once."""
+    save a checkpoint between steps and exit. Signals within REPEAT_S of the first are the same request
+    (`timeout` and some schedulers signal the process and then its group); a signal after that
+    interrupts at once. Call the object to ask whether a stop was requested."""
 
-    def __call__(self) -> bool:
-        return bool(self.requested)
+    REPEAT_S = 5.0
 
     def __init__(self):
         self.requested = 0
+        self._first_at = 0.0
         self._previous = {}
+
+    def __call__(self) -> bool:
+        return bool(self.requested)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -141,10 +147,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if not self.requested:
+            self.requested, self._first_at = signum, time.monotonic()
+        elif time.monotonic() - self._first_at > self.REPEAT_S:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
-        self.requested = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
