@@ -173,7 +173,8 @@ class SchedulerConfig:
 class TrainerConfig:
     epochs: int = 30
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    cpu_threads: Optional[int] = None  # torch's CPU threads; null: one per CPU this process may use
+    cpu_threads: Optional[int] = None  # torch's CPU threads; null: $OMP_NUM_THREADS, else one per CPU this process may use
+    jobs_per_gpu: int = 1  # sweep jobs launched in parallel share a GPU this many at a time (device=auto)
     amp: Amp = Amp.auto
     channels_last: bool = True
     compile: bool = False
@@ -265,7 +266,7 @@ class ProgressiveConfig:
 class RethinkConfig:
     task: Task = Task.train
     seed: int = 0
-    resume: Optional[str] = None  # a run directory to continue
+    resume: Optional[str] = None  # a run directory to continue; auto: the run in this run's own folder, if any
     ckpt: Optional[str] = None  # a checkpoint for eval / predict / export
     inputs: Optional[str] = None  # an image, a folder or a glob for predict
     model: ModelConfig = MISSING
@@ -326,6 +327,7 @@ RANGES = {
     "scheduler.decay_epochs": _POSITIVE,
     "trainer.epochs": _AT_LEAST_1,
     "trainer.cpu_threads": _NULL_OR_AT_LEAST_1,
+    "trainer.jobs_per_gpu": _AT_LEAST_1,
     "trainer.grad_clip": (lambda v: v is None or v > 0, "null (off) or positive"),
     "trainer.label_smoothing": _FRACTION,
     "trainer.ema_decay": _FRACTION,

@@ -47,7 +47,7 @@ def claim(default: str) -> str:
 def run_dir(resume: Optional[str], default: str) -> str:
     """hydra.run.dir: a resumed run continues in its own folder (which must hold a checkpoint, checked
     before Hydra creates or writes anything); any other run claims `default`."""
-    if resume is None:
+    if resume is None or resume == "auto":
         return claim(default)
     folder = Path(str(resume)).expanduser()
     if not (folder / "checkpoints" / "last.pt").is_file():
@@ -61,6 +61,8 @@ def record_dir(resume: Optional[str], task: Any, output_dir: str, now: str) -> s
     task = getattr(task, "value", task)
     if folder not in _records and _is_empty(folder):
         _fresh.add(folder)
+    if resume == "auto":  # continues the run in this folder, if there is one
+        resume = str(folder) if (folder / "checkpoints" / "last.pt").is_file() else None
     if resume is not None:  # nothing is logged yet: run.log holds just the run's own lines
         log = folder / "run.log"
         _log_sizes.setdefault(folder, log.stat().st_size if log.is_file() else 0)

@@ -39,7 +39,8 @@ class Difference:
     """Candidate against baseline. `diff` is candidate mean minus baseline mean; `ci` its confidence
     interval (Welch); `detectable` the smallest true difference these seeds detect with the asked
     power at the asked level; `seeds_needed` the seeds a side that would detect `detect` (None when
-    more than MOST_SEEDS, or when there is no spread to judge by)."""
+    more than MOST_SEEDS). Both are None when no spread was seen (fewer than 2 values a side, or every
+    seed gave the same value on both sides)."""
 
     baseline: Sample
     candidate: Sample
@@ -61,7 +62,7 @@ def describe(values: Sequence[float], confidence: float = 0.95) -> Sample:
         return Sample(n, mean, None, None, None)
     variance = float(x.var(ddof=1))
     std = math.sqrt(variance)
-    half = stats.t.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n)
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
     return Sample(n, mean, std, (mean - half, mean + half), variance)
 
 
@@ -77,9 +78,9 @@ def compare_samples(
         return Difference(a, b, diff, None, None, CANNOT_JUDGE, None, None)
     alpha = 1 - confidence
     diff = b.mean - a.mean
-    if a.variance + b.variance == 0:  # every seed gave the same number: no noise was seen at all
+    if a.variance + b.variance == 0:  # every seed gave the same number: no noise seen, and nothing to size a test by
         verdict = BETTER if diff > 0 else WORSE if diff < 0 else WITHIN_NOISE
-        return Difference(a, b, diff, (diff, diff), None, verdict, 0.0, 2)
+        return Difference(a, b, diff, (diff, diff), None, verdict, None, None)
     test = stats.ttest_ind(candidate, baseline, equal_var=False)
     ci = test.confidence_interval(confidence_level=confidence)
     low, high = float(ci.low), float(ci.high)
@@ -121,10 +122,8 @@ def detectable_difference(var_a: float, n_a: int, var_b: float, n_b: int, alpha:
 def seeds_needed(var_a: float, var_b: float, effect: float, alpha: float, power: float, most: int = MOST_SEEDS) -> Optional[int]:
     """The fewest seeds a side (the same on both sides, at least 2) at which Welch's test detects a
     true difference of `effect` with probability `power` at level `alpha`, for runs whose test
-    accuracy varies over seeds with these variances; None when more than `most` would be needed."""
+    accuracy varies over seeds with these variances (not both 0); None when more than `most` would be needed."""
     spread = var_a + var_b
-    if spread == 0:
-        return 2
 
     def enough(n: int) -> bool:
         return welch_power(effect / math.sqrt(spread / n), welch_df(var_a, n, var_b, n), alpha) >= power

@@ -8,6 +8,7 @@ Evaluation keeps the data set's order, which is sorted by class: limited evaluat
 therefore scores a fixed stratified subset, not the first batches (which would be the first classes).
 """
 
+import multiprocessing
 import os
 import random
 import signal
@@ -83,7 +84,18 @@ def make_loader(
         drop_last=train and len(indices) >= batch_size,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
+        multiprocessing_context=_worker_context() if workers > 0 else None,
     )
+
+
+def _worker_context():
+    """Python's own way of starting the workers. A job run by a parallel launcher (joblib's loky
+    processes) inherits a start method that DataLoader workers cannot use, and one that a fork server
+    or a spawned child cannot restore either: fork them there (POSIX), as Linux does by default."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method in (None, "fork", "spawn", "forkserver") or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context("fork")
 
 
 def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:

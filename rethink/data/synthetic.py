@@ -3,7 +3,17 @@
 Each class is one pattern (a disc, a square, stripes, a checkerboard, ...) drawn at a random position,
 size and small rotation, in a random colour on a contrasting, shaded, noisy background. Deterministic:
 class k's images depend only on (data.split_seed, k, data.image_size, data.images_per_class).
+
+Vectorised over a few images at a time (so the work stays in the CPU's caches), in float32. The sensor
+noise (Gaussian, std 0.05 of the full range, per pixel and channel) comes from random bytes, each read as
+one of 256 Gaussian quantiles: bytes are many times cheaper to draw than normals, and the noise lands on
+256 levels anyway. The images before this generator (composed in float64, numpy's normal draws for the
+noise) had the same shapes, positions, colours and shading for a seed, and other noise pixels; they took
+about 20x as long (8-12 ms per 224 px image).
 """
+
+from statistics import NormalDist
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,6 +35,22 @@ PATTERNS = (
     "grid",
     "ellipse",
 )
+TEXTURES = ("stripes", "checkerboard", "dots", "vertical_stripes", "grid")
+
+NOISE_STD = 0.05  # of the full range
+_CHUNK_PIXELS = 1 << 18  # pixels per plane composed in one pass (about 1 MB of float32: cache-sized)
+
+
+def _noise_pairs() -> np.ndarray:
+    """Row i: the Gaussian noise (std NOISE_STD, in uint8 levels, plus the 0.5 that makes the final
+    truncating cast round to nearest) of the two random bytes of the little-endian uint16 i. Each byte
+    b stands for the Gaussian quantile (b + 0.5) / 256: exact at the 256 levels the noise lands on."""
+    levels = np.array([NormalDist().inv_cdf((b + 0.5) / 256) * NOISE_STD * 255 + 0.5 for b in range(256)], np.float32)
+    i = np.arange(1 << 16)
+    return np.stack([levels[i & 255], levels[i >> 8]], axis=1)
+
+
+_NOISE_PAIRS = _noise_pairs()
 
 
 def generate_synthetic(num_classes: int, images_per_class: int, image_size: int, seed: int) -> tuple[torch.Tensor, list[int], list[str]]:
@@ -35,48 +61,84 @@ def generate_synthetic(num_classes: int, images_per_class: int, image_size: int,
         raise UserError(f"data.images_per_class={images_per_class}: must be at least 1")
     if image_size < 16:
         raise UserError(f"data.image_size={image_size}: must be at least 16 (pixels)")
-    images = [_draw(k, images_per_class, image_size, np.random.default_rng([seed, k])) for k in range(num_classes)]
+    images = np.empty((num_classes * images_per_class, 3, image_size, image_size), np.uint8)
+    for k in range(num_classes):
+        _draw(k, images[k * images_per_class : (k + 1) * images_per_class], np.random.default_rng([seed, k]))
     labels = [k for k in range(num_classes) for _ in range(images_per_class)]
-    return torch.from_numpy(np.concatenate(images)), labels, list(PATTERNS[:num_classes])
+    return torch.from_numpy(images), labels, list(PATTERNS[:num_classes])
 
 
-def _draw(pattern: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """n images of one pattern, uint8 n x 3 x size x size."""
-    column = lambda low, high: rng.uniform(low, high, (n, 1, 1)).astype(np.float32)  # noqa: E731
+def _draw(pattern: int, out: np.ndarray, rng: np.random.Generator) -> None:
+    """Fill `out` (uint8 n x 3 x size x size) with images of one pattern, a chunk of images at a time.
+    Every plane below is affine in the pixel coordinates (x, y), so each is one broadcast sum of a row
+    and a column: a * x + b * y + c with per-image a, b, c."""
+    n, size = out.shape[0], out.shape[-1]
+    column = lambda low, high: rng.uniform(low, high, n).astype(np.float32)  # noqa: E731
     centre_x, centre_y = column(0.3, 0.7) * size, column(0.3, 0.7) * size
     radius = column(0.2, 0.35) * size
     angle = np.deg2rad(column(-15, 15))
     period = column(0.12, 0.22) * size
     phase = column(0, 2 * np.pi)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    dx, dy = x - centre_x, y - centre_y
-    u = dx * np.cos(angle) + dy * np.sin(angle)  # coordinates in the pattern's rotated frame
-    v = -dx * np.sin(angle) + dy * np.cos(angle)
-    mask = _mask(PATTERNS[pattern], u / radius, v / radius, 2 * np.pi * u / period + phase, 2 * np.pi * v / period + phase)
+    foreground = rng.uniform(0, 1, (n, 3))
+    background = (foreground + rng.uniform(0.35, 0.65, (n, 3))) % 1.0  # every channel contrasts
+    foreground, background = (foreground * 255).astype(np.float32), (background * 255).astype(np.float32)  # uint8 levels
+    slope_x, slope_y = column(-1, 1), column(-1, 1)
 
-    foreground = rng.uniform(0, 1, (n, 3, 1, 1)).astype(np.float32)
-    background = (foreground + rng.uniform(0.35, 0.65, (n, 3, 1, 1))) % 1.0  # every channel contrasts
-    shading = 1 + 0.25 * (column(-1, 1) * x + column(-1, 1) * y) / size  # a lit-from-one-side gradient
-    image = background * shading[:, None] * (1 - mask[:, None]) + foreground * mask[:, None]
-    image += 0.05 * rng.standard_normal(image.shape, dtype=np.float32)
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    cos, sin = np.cos(angle), np.sin(angle)
+    u = (cos, sin, -(cos * centre_x + sin * centre_y))  # the pattern's rotated frame, centred on it
+    v = (-sin, cos, sin * centre_x - cos * centre_y)
+    scaled = lambda plane, s, offset=0: (plane[0] * s, plane[1] * s, plane[2] * s + offset)  # noqa: E731
+    planes = {
+        "u": scaled(u, 1 / radius),  # in units of the radius
+        "v": scaled(v, 1 / radius),
+        "wave_u": scaled(u, 2 * np.pi / period, phase),  # for textures
+        "wave_v": scaled(v, 2 * np.pi / period, phase),
+        "shading": (0.25 * slope_x / size, 0.25 * slope_y / size, np.ones(n, np.float32)),  # lit from one side
+    }
+    coords = np.arange(size, dtype=np.float32)
+    step = max(1, _CHUNK_PIXELS // (size * size))
+    image = np.empty((min(n, step), 3, size, size), np.float32)  # buffers reused by every chunk: fresh
+    work = np.empty_like(image)  # memory for each array would cost more in page faults than the arithmetic
+    noise = np.empty((image.size + 1) // 2 * 2, np.float32)
+    for start in range(0, n, step):
+        i = slice(start, min(n, start + step))
+        img, tmp = image[: i.stop - start], work[: i.stop - start]
+
+        def plane(name: str) -> np.ndarray:
+            a, b, c = (p[i, None, None] for p in planes[name])
+            return (a * coords + c) + b * coords[:, None]
+
+        mask = _mask(PATTERNS[pattern], plane)
+        np.multiply(background[i, :, None, None], plane("shading")[:, None], out=img)  # in uint8 levels
+        np.subtract(foreground[i, :, None, None], img, out=tmp)  # the pattern, unshaded
+        np.multiply(tmp, mask[:, None], out=tmp)
+        img += tmp
+        pairs = rng.integers(0, 256, noise.size, dtype=np.uint8).view("<u2")
+        np.take(_NOISE_PAIRS, pairs, axis=0, out=noise.reshape(-1, 2))
+        img += noise[: img.size].reshape(img.shape)
+        out[i] = np.clip(img, 0, 255, out=img)  # the cast truncates: the noise's +0.5 made it round
 
 
-def _mask(pattern: str, u: np.ndarray, v: np.ndarray, wave_u: np.ndarray, wave_v: np.ndarray) -> np.ndarray:
-    """Where the pattern is (1.0) in the rotated frame: u, v in units of the radius; waves for textures."""
-    r = np.sqrt(u * u + v * v)
-    masks = {
-        "circle": lambda: r < 1,
+def _mask(pattern: str, plane: Callable[[str], np.ndarray]) -> np.ndarray:
+    """Where the pattern is (True). `plane(name)` gives what it is drawn from: `u`, `v` (the pattern's
+    rotated frame, in units of its radius) for shapes, `wave_u`, `wave_v` (phases) for textures."""
+    if pattern in TEXTURES:
+        wave_u, wave_v = plane("wave_u"), plane("wave_v")
+        return {
+            "stripes": lambda: np.sin(wave_v) > 0,
+            "checkerboard": lambda: np.sin(wave_u) * np.sin(wave_v) > 0,
+            "dots": lambda: np.cos(wave_u) * np.cos(wave_v) > 0.5,
+            "vertical_stripes": lambda: np.sin(wave_u) > 0,
+            "grid": lambda: (np.cos(wave_u) > 0.8) | (np.cos(wave_v) > 0.8),
+        }[pattern]()
+    u, v = plane("u"), plane("v")
+    r = lambda: np.sqrt(u * u + v * v)  # noqa: E731
+    return {
+        "circle": lambda: r() < 1,
         "square": lambda: np.maximum(abs(u), abs(v)) < 0.85,
         "triangle": lambda: (v < 0.5) & (np.sqrt(3) * abs(u) - v < 1),
-        "stripes": lambda: np.sin(wave_v) > 0,
-        "checkerboard": lambda: np.sin(wave_u) * np.sin(wave_v) > 0,
-        "ring": lambda: (r < 1) & (r > 0.6),
+        "ring": lambda: (0.6 < r()) & (r() < 1),
         "cross": lambda: ((abs(u) < 0.3) & (abs(v) < 1)) | ((abs(v) < 0.3) & (abs(u) < 1)),
-        "dots": lambda: np.cos(wave_u) * np.cos(wave_v) > 0.5,
         "diamond": lambda: abs(u) + abs(v) < 1.1,
-        "vertical_stripes": lambda: np.sin(wave_u) > 0,
-        "grid": lambda: (np.cos(wave_u) > 0.8) | (np.cos(wave_v) > 0.8),
         "ellipse": lambda: (u / 1.2) ** 2 + (v / 0.5) ** 2 < 1,
-    }
-    return masks[pattern]().astype(np.float32)
+    }[pattern]()

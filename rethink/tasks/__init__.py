@@ -50,6 +50,13 @@ def hydra_choice(group: str) -> str:
     return str(HydraConfig.get().runtime.choices.get(group, "")) if HydraConfig.initialized() else ""
 
 
+def hydra_job() -> int | None:
+    """This run's job number in a sweep (None for a single run or outside a Hydra app)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return int(HydraConfig.get().job.num)
+
+
 def checkpoint_run_config(state: dict, cfg: DictConfig) -> tuple[DictConfig, list[str]]:
     """The config a checkpoint was trained with, plus what this command line overrides in it
     (e.g. `data.root=...`, `data=folder`, `trainer.device=cpu`); and the keys it overrode."""

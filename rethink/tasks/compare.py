@@ -57,13 +57,13 @@ class Run:
 
 
 def find_run_dirs(roots: Sequence[Path]) -> list[Path]:
-    """Every folder under `roots` (or a root itself) that holds a Hydra record, once each, in
-    natural order (job 2 before job 10)."""
+    """Every folder under `roots` (or a root itself) that holds a Hydra record, once each: root by
+    root, each in natural order (job 2 before job 10), so the first group is the first job's."""
     found = {}
     for root in roots:
-        for record in root.rglob(".hydra/config.yaml"):
-            found.setdefault(record.parent.parent.resolve(), record.parent.parent)
-    return sorted(found.values(), key=_natural_key)
+        for folder in sorted((record.parent.parent for record in root.rglob(".hydra/config.yaml")), key=_natural_key):
+            found.setdefault(folder.resolve(), folder)
+    return list(found.values())
 
 
 def read_runs(folders: Sequence[Path]) -> list[Run]:
@@ -139,7 +139,10 @@ def _read_events(folder: Path) -> tuple[dict, bool]:
     tags = events.Tags().get("scalars", [])
     tag = "val_ema/acc" if "val_ema/acc" in tags else "val/acc"
     curve = {e.step: e.value for e in events.Scalars(tag)} if tag in tags else {}
-    session = events.PluginTagToContent(metadata.PLUGIN_NAME).get(metadata.SESSION_END_INFO_TAG)
+    try:
+        session = events.PluginTagToContent(metadata.PLUGIN_NAME).get(metadata.SESSION_END_INFO_TAG)
+    except KeyError:  # no HPARAMS data in the events
+        session = None
     failed = session is not None and metadata.parse_session_end_info_plugin_data(session).status == api_pb2.STATUS_FAILURE
     return curve, failed
 
@@ -288,8 +291,7 @@ class Comparison:
 
 def build_comparison(runs: Sequence[Run], settings: CompareConfig, sources: Sequence[str] = (),
                      model_defaults: Optional[Callable[[str], dict]] = None) -> Comparison:
-    ignored = ["seed", *settings.ignore, *settings.also_ignore]
-    groups = group_runs(runs, ignored)
+    groups = group_runs(runs, ["seed", *settings.ignore, *settings.also_ignore])
     keys = label_groups(groups, model_defaults or default_model_config)
     pairs = []
     if groups:
@@ -304,9 +306,10 @@ def build_comparison(runs: Sequence[Run], settings: CompareConfig, sources: Sequ
 def summarise(number: int, group: Group, confidence: float) -> dict:
     """One row of the table: the group's label, its seeds, and its runs' numbers (mean over seeds)."""
     done = group.done
-    test = stats.describe(_values(done, "test_acc"), confidence)
-    best_val = stats.describe(_values(done, "best_val_acc"), confidence)
-    epochs = [(r.metrics["train_time_s"] / r.metrics["epochs"]) for r in done if r.metrics.get("epochs") and "train_time_s" in r.metrics]
+    test = stats.describe(per_seed(done, "test_acc"), confidence)
+    best_val = stats.describe(per_seed(done, "best_val_acc"), confidence)
+    epochs = [r.metrics["train_time_s"] / r.metrics["epochs"] for r in done if r.metrics.get("epochs") and "train_time_s" in r.metrics]
+    params = _mean(_values(done, "params"))
     return {
         "group": number,
         **{k: _show(v) for k, v in group.label.items()},
@@ -319,16 +322,16 @@ def summarise(number: int, group: Group, confidence: float) -> dict:
         "best_val_acc_mean": best_val.mean,
         "best_val_acc_std": best_val.std,
         "final_train_loss": _mean(_values(done, "final_train_loss")),
-        "params": _mean(_values(done, "params")),
-        "gmacs": _mean(_values(done, "gmacs")),
-        "s_per_epoch": _mean(epochs),
-        "train_img_s": _mean(_values(done, "train_img_s")),
-        "peak_memory_mb": _mean(_values(done, "peak_memory_mb")),
+        "params": round(params) if params is not None else None,
+        "gmacs": _mean(_values(done, "gmacs"), 4),
+        "s_per_epoch": _mean(epochs, 3),
+        "train_img_s": _mean(_values(done, "train_img_s"), 1),
+        "peak_memory_mb": _mean(_values(done, "peak_memory_mb"), 1),
     }
 
 
 def judge(number_a: int, baseline: Group, number_b: int, candidate: Group, settings: CompareConfig) -> dict:
-    d = stats.compare_samples(_values(baseline.done, "test_acc"), _values(candidate.done, "test_acc"),
+    d = stats.compare_samples(per_seed(baseline.done, "test_acc"), per_seed(candidate.done, "test_acc"),
                               settings.confidence, settings.power, settings.detect)
     return {
         "baseline": number_a, "candidate": number_b, "baseline_name": baseline.name, "candidate_name": candidate.name,
@@ -338,12 +341,25 @@ def judge(number_a: int, baseline: Group, number_b: int, candidate: Group, setti
     }
 
 
+def per_seed(runs: Sequence[Run], key: str) -> list[float]:
+    """One value per seed: the seed is the unit of repetition, so runs that repeat a seed (the same
+    configuration in two sweeps) are averaged first rather than counted as independent samples."""
+    by_seed: dict[Any, list[float]] = {}
+    for run in runs:
+        if isinstance(run.metrics.get(key), (int, float)):
+            by_seed.setdefault(run.flat.get("seed", run.path), []).append(float(run.metrics[key]))
+    return [float(np.mean(values)) for values in by_seed.values()]
+
+
 def _values(runs: Sequence[Run], key: str) -> list[float]:
     return [float(r.metrics[key]) for r in runs if isinstance(r.metrics.get(key), (int, float))]
 
 
-def _mean(values: Sequence[float]) -> Optional[float]:
-    return float(np.mean(values)) if len(values) else None
+def _mean(values: Sequence[float], digits: Optional[int] = None) -> Optional[float]:
+    if not len(values):
+        return None
+    mean = float(np.mean(values))
+    return round(mean, digits) if digits is not None else mean
 
 
 def _states(runs: Sequence[Run]) -> str:
@@ -383,9 +399,10 @@ def markdown(comparison: Comparison) -> str:
     if not any(group.done for group in comparison.groups):
         lines += [f"No run finished ({_states(runs)}): nothing to compare.", ""]
     lines += [
-        f"{len(runs)} runs in {len(comparison.groups)} groups; a group is the runs whose configs differ only in "
-        f"seed and {', '.join([*s.ignore, *s.also_ignore])}. Accuracies in percent: mean ± standard deviation over seeds, "
-        f"{level} confidence interval of the mean.",
+        f"Runs: {len(runs)}; groups: {len(comparison.groups)} (runs whose configs differ only in seed and in the keys of "
+        f"compare.ignore, listed at the end of comparison.md). Accuracies in percent: mean ± standard deviation over "
+        f"seeds, and the {level} confidence interval of the mean."
+        + (" Runs that repeat a seed in one group are averaged first." if any(len(g.done) > len(per_seed(g.done, "test_acc")) for g in comparison.groups) else ""),
         "",
     ]
     header = ["#", *comparison.keys, "seeds", "runs", "test acc %", f"{level} CI", "best val acc %", "final train loss",
@@ -421,6 +438,8 @@ def _verdict_line(v: dict, s: CompareConfig) -> str:
     text = f"{pair}, {seeds}: {_points(v['diff'])} points"
     if v["ci_low"] is None:
         return f"{text}: **{v['verdict']}** (fewer than 2 seeds on a side: no spread to judge by)"
+    if v["detectable"] is None:
+        return f"{text}: **{v['verdict']}** (every seed gave the same accuracy on both sides: no spread to size a test by)"
     needed = f"{v['seeds_needed']}" if v["seeds_needed"] is not None else f"more than {stats.MOST_SEEDS}"
     return (
         f"{text}, CI [{_points(v['ci_low'])}, {_points(v['ci_high'])}]: **{v['verdict']}**. "
@@ -430,12 +449,17 @@ def _verdict_line(v: dict, s: CompareConfig) -> str:
 
 
 def _runs_section(comparison: Comparison) -> str:
+    """Every run, and the keys left out of the grouping (comparison.md only, not the screen)."""
+    if not comparison.groups:
+        return ""
     lines = ["## Runs", "", "| group | seed | state | test acc % | folder |", "|---|---|---|---|---|"]
     for number, group in enumerate(comparison.groups, 1):
         for run in group.runs:
             test = run.metrics.get("test_acc")
             lines.append(f"| {number} | {run.flat.get('seed', ABSENT)} | {run.state} | {_number(test and 100 * test, '.2f')} | {run.path} |")
-    return "\n".join(lines) + "\n" if comparison.groups else ""
+    ignored = ", ".join(dict.fromkeys(["seed", *comparison.settings.ignore, *comparison.settings.also_ignore]))
+    lines += ["", f"Keys in which runs of one group may differ (compare.ignore, compare.also_ignore): {ignored}."]
+    return "\n" + "\n".join(lines) + "\n"
 
 
 def _csv(comparison: Comparison) -> str:
@@ -513,6 +537,7 @@ def _val_curves(comparison: Comparison):
         (line,) = axes.plot(epochs, mean, marker="o", markersize=3, label=f"#{number} {group.name} ({len(curves)} seeds)")
         axes.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes.set_xlabel("epoch")
+    axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_ylabel("val accuracy % (mean ± std over seeds)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="best")

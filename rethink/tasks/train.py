@@ -33,14 +33,14 @@ from ..train.runtime import (
     StopSignals, peak_memory_mb, reset_memory_stats, resolve_device, resolve_precision, seed_everything, set_cpu_threads,
 )
 from ..train.tensorboard import log_session_end, log_session_start, open_writer
-from . import checkpoint_run_config, command_line_keys, hydra_choice, write_json
+from . import checkpoint_run_config, command_line_keys, hydra_choice, hydra_job, write_json
 
 log = logging.getLogger("rethink")
 
 # What `resume=` may change: how the run computes and how long it goes on, never what it is.
 # (Not trainer.limit_val_batches: it changes which images validate; nor data.cache: a run keeps how it was read.)
 RESUMABLE = (
-    "trainer.epochs", "trainer.device", "trainer.amp", "trainer.compile", "trainer.progress", "trainer.cpu_threads",
+    "trainer.epochs", "trainer.device", "trainer.amp", "trainer.compile", "trainer.progress", "trainer.cpu_threads", "trainer.jobs_per_gpu",
     "trainer.log_every_n_steps", "trainer.cudnn_benchmark", "trainer.image_grid", "data.num_workers", "data.root",
     "data.cache_dir",
 )
@@ -60,23 +60,31 @@ class Progress:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    if cfg.resume == "auto":  # continue the run in this folder if there is one (a requeued or re-run sweep job)
+        finished = _finished_metrics(run_dir, cfg.trainer.epochs)
+        if finished is not None:
+            log.info(f"{run_dir} already finished {finished['epochs']} epochs (resume=auto): nothing to do")
+            return finished
+        cfg.resume = str(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
     state = None
     if cfg.resume is not None:
         cfg, run_dir, state = _resume(cfg)
     elif (run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with resume={run_dir}, or choose another hydra.run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = fit(cfg, run_dir, state, layout=_layout_name(cfg))
+    metrics = fit(cfg, run_dir, state, layout=_layout_name(cfg), job=hydra_job())
     print(f"test acc {metrics['test_acc']:.4f} (best val acc {metrics['best_val_acc']:.4f} at epoch {metrics['best_epoch']})")
     print(f"run directory: {run_dir}")
     return metrics
 
 
-def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: str = "") -> dict:
+def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: str = "", job: Optional[int] = None) -> dict:
+    """Train `cfg` in `run_dir` (continuing `resumed`, a checkpoint); `job`: this run's number in a
+    sweep, which picks its GPU when `trainer.device=auto` and there are several."""
     t = cfg.trainer
     cpu_threads = set_cpu_threads(t.cpu_threads)
     seed_everything(cfg.seed, t.deterministic)
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, job, t.jobs_per_gpu)
     precision = resolve_precision(t.amp.value, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
@@ -204,6 +212,15 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _finished_metrics(run_dir: Path, epochs: int) -> Optional[dict]:
+    """The metrics of a run in `run_dir` that already trained `epochs` epochs and was scored, or None."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("epochs") == epochs else None
 
 
 def _data(cfg: DictConfig, run_dir: Path, resumed: Optional[dict]):

@@ -15,10 +15,14 @@ import torch
 from ..errors import UserError
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, job: int | None = None, jobs_per_gpu: int = 1) -> torch.device:
+    """`auto` is a CUDA device when there is one, else the CPU: device 0, or for job `job` of a sweep
+    device (job // jobs_per_gpu) modulo the number of devices, so parallel jobs spread over the GPUs
+    with `jobs_per_gpu` jobs sharing each."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", 0 if job is None else (job // jobs_per_gpu) % torch.cuda.device_count())
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -83,11 +87,19 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def set_cpu_threads(threads: int | None) -> int:
-    """Torch's intra-op threads: `threads`, or (null) one per CPU this process may use. Returns the
-    number in use. The count changes the order of floating-point sums, so runs that must match
-    bit for bit need the same count."""
-    torch.set_num_threads(threads or available_cpus())
+    """Torch's intra-op threads: `threads`, or (null) $OMP_NUM_THREADS where it is set (a parallel
+    launcher such as joblib sets it to share the cores among its jobs), else one per CPU this process
+    may use. Returns the number in use. The count changes the order of floating-point sums, so runs
+    that must match bit for bit need the same count."""
+    torch.set_num_threads(threads or _env_threads() or available_cpus())
     return torch.get_num_threads()
+
+
+def _env_threads() -> int | None:
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def available_cpus() -> int:

@@ -1,0 +1,69 @@
+"""Sweeps beyond one process: joblib's parallel jobs, submitit's local executor (SLURM's stand-in),
+and re-run or requeued jobs that continue from their own checkpoints (`resume=auto`)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from test_runs import RUN, UNSEEDED, run_py
+from test_train import scalars
+
+pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs the launchers extra (pip install -e '.[dev]')")
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the launchers extra (pip install -e '.[dev]')")
+
+SHORT = [*UNSEEDED, "trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.image_grid=false"]
+
+
+def run_times(run_log: str) -> tuple[str, str]:
+    stamps = re.findall(r"^\[(\d\d:\d\d:\d\d)\]", run_log, flags=re.M)
+    return stamps[0], stamps[-1]
+
+
+@pytest.mark.slow
+def test_a_joblib_sweep_runs_its_jobs_in_parallel_processes_with_loader_workers(tmp_path):
+    result = run_py("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *SHORT, "data.num_workers=1",
+                    "trainer.limit_train_batches=6", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(tmp_path.glob("*_b0_seed=*"))
+    assert [j.name for j in jobs] == ["0_b0_seed=0", "1_b0_seed=1"]
+    pids = {next(j.glob("events.out.tfevents.*")).name.split(".")[-2] for j in jobs}
+    assert len(pids) == 2 and str(os.getpid()) not in pids  # two worker processes, not this one
+    (start_a, end_a), (start_b, end_b) = (run_times((j / "run.log").read_text()) for j in jobs)
+    assert start_a <= end_b and start_b <= end_a  # at the same time
+    assert (tmp_path / "comparison.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_submitit_local_sweep_of_two_jobs_finishes(tmp_path):
+    result = run_py("-m", "hydra/launcher=submitit_local", "resume=auto", "seed=0,1", *SHORT, f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0_b0_seed=0", "1_b0_seed=1"):
+        assert json.loads((tmp_path / job / "metrics.json").read_text())["epochs"] == 1
+    assert (tmp_path / "comparison.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_rerun_with_resume_auto_continues_each_job_from_its_checkpoint(tmp_path):
+    from test_train import wait_for_checkpoint_writes
+
+    args = ["-m", "resume=auto", "seed=0,1", *UNSEEDED, "trainer.epochs=3", "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=1", "trainer.image_grid=false", f"hydra.sweep.dir={tmp_path}"]
+    sweep = subprocess.Popen([*RUN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for_checkpoint_writes(tmp_path / "0_b0_seed=0" / "checkpoints" / "last.pt", sweep, writes=1)
+    os.killpg(sweep.pid, signal.SIGKILL)  # a node lost: nothing gets to save
+    sweep.communicate()
+    time.sleep(0.5)
+    again = run_py(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    first = tmp_path / "0_b0_seed=0"
+    assert "resuming b0" in (first / "run.log").read_text()
+    assert [step for step, _ in scalars(first)["val/acc"]] == [1, 2, 3]
+    for job in ("0_b0_seed=0", "1_b0_seed=1"):
+        assert json.loads((tmp_path / job / "metrics.json").read_text())["epochs"] == 3
+    finished = run_py(*args)  # a third time: every job is finished, nothing is trained again
+    assert finished.returncode == 0 and "already finished 3 epochs" in finished.stderr, finished.stderr[-3000:]
