@@ -175,6 +175,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cpu_threads: Optional[int] = None  # torch's CPU threads; null: $OMP_NUM_THREADS, else one per CPU this process may use
     jobs_per_gpu: int = 1  # sweep jobs launched in parallel share a GPU this many at a time (device=auto)
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over every process's batch
     amp: Amp = Amp.auto
     channels_last: bool = True
     compile: bool = False

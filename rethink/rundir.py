@@ -12,10 +12,12 @@ the resolvers below before it writes anything, so they decide where a run lands:
 `discard_refused_start` undoes what this process added when a run is refused before it trained.
 """
 
+import glob
 import hashlib
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,20 +30,41 @@ _log_sizes: dict[Path, int] = {}  # resumed run folder -> the size of its run.lo
 
 
 def claim(default: str) -> str:
-    """`default`, or `default-N` with the smallest N whose folder did not exist; created here, atomically."""
+    """`default`, or `default-N` with the smallest N whose folder did not exist; created here, atomically.
+    Under torchrun, rank 0 claims it and the other processes find the folder it claimed."""
     if default in _claimed:  # Hydra resolves the folder more than once
         return _claimed[default]
     base = Path(default)
     base.parent.mkdir(parents=True, exist_ok=True)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") if torchrun_rank() is not None else None
+    if run_id and torchrun_rank() != 0:
+        _claimed[default] = _claimed_by_rank_0(base, run_id)
+        return _claimed[default]
     for n in range(10_000):
         candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
         try:
             candidate.mkdir()
         except FileExistsError:
             continue
+        if run_id:
+            (candidate / f".torchrun-{run_id}").touch()
         _claimed[default] = str(candidate)
         return str(candidate)
     raise UserError(f"{default}: 10,000 runs already use this name; set hydra.run.dir")
+
+
+def torchrun_rank() -> int | None:
+    """This process's rank under torchrun with more than one process, else None."""
+    return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ else None
+
+
+def _claimed_by_rank_0(base: Path, run_id: str, timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for marker in base.parent.glob(f"{glob.escape(base.name)}*/.torchrun-{run_id}"):
+            return str(marker.parent)
+        time.sleep(0.1)
+    raise UserError(f"{base}: rank 0 of this torchrun did not claim a run folder within {timeout_s:.0f} s")
 
 
 def run_dir(resume: Optional[str], default: str) -> str:
@@ -55,8 +78,11 @@ def run_dir(resume: Optional[str], default: str) -> str:
     return str(folder)
 
 
-def record_dir(resume: Optional[str], task: Any, output_dir: str, now: str) -> str:
-    """hydra.output_subdir, relative to the run folder."""
+def record_dir(resume: Optional[str], task: Any, output_dir: str, now: str) -> Optional[str]:
+    """hydra.output_subdir, relative to the run folder; None (no record) for the processes of a
+    torchrun other than rank 0."""
+    if torchrun_rank():
+        return None
     folder = Path(output_dir).resolve()
     task = getattr(task, "value", task)
     if folder not in _records and _is_empty(folder):

@@ -6,12 +6,14 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
+from rethink.train.checkpoint import load_checkpoint
 from test_runs import RUN, UNSEEDED, run_py
-from test_train import scalars
+from test_train import ROOT, scalars
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs the launchers extra (pip install -e '.[dev]')")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the launchers extra (pip install -e '.[dev]')")
@@ -67,3 +69,58 @@ def test_a_killed_sweep_rerun_with_resume_auto_continues_each_job_from_its_check
         assert json.loads((tmp_path / job / "metrics.json").read_text())["epochs"] == 3
     finished = run_py(*args)  # a third time: every job is finished, nothing is trained again
     assert finished.returncode == 0 and "already finished 3 epochs" in finished.stderr, finished.stderr[-3000:]
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "run.py")]
+DDP = [*UNSEEDED, "seed=3", "data.batch_size=4", "trainer.limit_train_batches=null", "trainer.limit_val_batches=null",
+       "trainer.image_grid=false", "trainer.cpu_threads=1"]
+
+
+def torchrun(*args, **kwargs):
+    return subprocess.run([*TORCHRUN, *args], cwd=ROOT, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+def train_images(run_dir) -> int:
+    return sum(1 for line in (run_dir / "splits.csv").read_text().splitlines()[1:] if line.startswith("train,"))
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_trains_one_run_as_one_process_with_the_global_batch_would(tmp_path):
+    result = torchrun(*DDP, "trainer.epochs=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1 and len(list(tmp_path.glob("*.json"))) == 2  # metrics, classes
+    assert (tmp_path / "run.log").read_text().count("epoch 2/2") == 1  # rank 0 alone logs
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch"] == 8
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["steps_per_epoch"] == train_images(tmp_path) // 8  # as one process with batch 8
+    assert ckpt["scheduler"]["last_epoch"] == 2 * ckpt["steps_per_epoch"]
+    assert metrics["test_images"] == sum(1 for line in (tmp_path / "splits.csv").read_text().splitlines() if line.startswith("test,"))
+    evaluated = run_py("task=eval", f"ckpt={tmp_path}", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["test_acc"] == metrics["test_acc"]
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_every_process_at_one_step_and_the_resume_completes(tmp_path):
+    from test_train import wait_for_checkpoint_writes
+
+    args = [*DDP, "trainer.epochs=4", "data.num_workers=1", f"hydra.run.dir={tmp_path}"]
+    process = subprocess.Popen([*TORCHRUN, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    wait_for_checkpoint_writes(tmp_path / "checkpoints" / "last.pt", process, writes=1)
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode != 0 and "stopped by signal" in output, output[-3000:]
+    resumed = torchrun(*args, f"resume={tmp_path}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["scheduler"]["last_epoch"] == 4 * ckpt["steps_per_epoch"]
+    assert [step for step, _ in scalars(tmp_path)["val/acc"]] == [1, 2, 3, 4]
+
+
+def test_a_sweep_under_torchrun_is_refused_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "seed=0,1", *SHORT], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert result.returncode == 1 and "cannot run under torchrun" in result.stderr.splitlines()[-1], result.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()

@@ -23,26 +23,37 @@ from .splits import stratified_subset
 
 
 class SeededSampler(Sampler):
-    """The data set indices `indices` (all of them: range(len(dataset))), shuffled or in order."""
+    """The data set indices `indices` (all of them: range(len(dataset))), shuffled or in order.
 
-    def __init__(self, indices: Sequence[int], seed: int, shuffle: bool):
+    Under DDP (`shard=(rank, world_size)`) each process takes every world_size-th sample of the same
+    order, from its rank on: in training each takes the same number (the remainder is left out, so
+    every process steps equally often), in evaluation every sample goes to exactly one process."""
+
+    def __init__(self, indices: Sequence[int], seed: int, shuffle: bool, shard: tuple[int, int] = (0, 1)):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.seed = seed
         self.shuffle = shuffle
+        self.rank, self.world_size = shard
         self.epoch = 0
         self.start = 0  # samples of the epoch to leave out: those a resumed epoch already trained on
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
+    def _shard_size(self) -> int:
+        if self.shuffle:  # training
+            return len(self.indices) // self.world_size
+        return len(range(self.rank, len(self.indices), self.world_size))
+
     def __len__(self) -> int:
-        return len(self.indices) - self.start
+        return self._shard_size() - self.start
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed & (2**63 - 1), self.epoch])
         order = rng.permutation(self.indices) if self.shuffle else self.indices
         sample_seeds = rng.integers(0, 2**63 - 1, size=len(self.indices))
-        return iter(list(zip(order.tolist(), sample_seeds.tolist()))[self.start :])
+        pairs = list(zip(order.tolist(), sample_seeds.tolist()))[self.rank :: self.world_size][: self._shard_size()]
+        return iter(pairs[self.start :])
 
 
 def default_num_workers() -> int:
@@ -59,12 +70,14 @@ def make_loader(
     pin_memory: bool = False,
     batch_size: int | None = None,
     limit_batches: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """Shuffled, augmented batches for training (the last incomplete batch dropped, unless the data
     set is smaller than one batch); the data set's order for evaluation. `limit_batches` (evaluation
     only; a training loop stops after its own count): the loader covers limit_batches * batch_size
     items (all of them when there are fewer), a stratified subset fixed by `data.split_seed`, the
-    same every epoch and for every training seed. The data set needs `.labels` for it."""
+    same every epoch and for every training seed. The data set needs `.labels` for it. `shard`:
+    (rank, world_size) under DDP, `batch_size` being per process (see SeededSampler)."""
     batch_size = batch_size or data_cfg.batch_size
     if batch_size < 1:
         raise UserError(f"data.batch_size={batch_size}: must be at least 1")
@@ -74,14 +87,15 @@ def make_loader(
     indices = range(len(dataset))
     if limit_batches is not None and not train:
         indices = stratified_subset(dataset.labels, limit_batches * batch_size, data_cfg.split_seed)
+    sampler = SeededSampler(indices, seed, shuffle=train, shard=shard)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=SeededSampler(indices, seed, shuffle=train),
+        sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
-        drop_last=train and len(indices) >= batch_size,
+        drop_last=train and len(sampler) >= batch_size,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
         multiprocessing_context=_worker_context() if workers > 0 else None,

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..atomic import atomic_write_text
 from ..config import apply_overrides, changed_keys, compose_config, config_from_checkpoint, override_keys, validate, value
 from ..errors import UserError
-from ..rundir import discard_refused_start
+from ..rundir import discard_refused_start, torchrun_rank
 from ..train.checkpoint import model_from_checkpoint
 from ..train.loop import Inputs
 from ..train.runtime import Precision, resolve_device, resolve_precision
@@ -95,6 +95,14 @@ def write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def _console_only(level: int) -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    logging.getLogger("rethink").setLevel(level)
+
+
 def run_task(cfg: DictConfig):
     """Run `cfg.task` in Hydra's run directory. A UserError ends a single run with its one-line
     message on stderr and exit status 1, and what the refused run added to the disk is taken back
@@ -103,6 +111,8 @@ def run_task(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     task = value(cfg.task)
+    if torchrun_rank():  # under torchrun rank 0 alone writes run.log and says how it goes
+        _console_only(logging.WARNING)
     try:
         validate(cfg)
         return _tasks()[task](cfg, run_dir)

@@ -4,6 +4,7 @@ comparison of its runs when it ends."""
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import CONF_DIR, compose_config
-from ..rundir import SWEPT_KEYS_ENV, job_dir
+from ..rundir import SWEPT_KEYS_ENV, job_dir, torchrun_rank
 
 log = logging.getLogger("rethink")
 
@@ -44,6 +45,11 @@ class SweepCallback(Callback):
         self.compared = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if torchrun_rank() is not None:  # (Hydra turns a callback's exceptions into warnings: exit here)
+            print("error: a sweep (-m, or an experiment that is one) cannot run under torchrun: every process would run "
+                  "every job; run each job with torchrun, or the sweep without torchrun (hydra/launcher=joblib or slurm)",
+                  file=sys.stderr)
+            raise SystemExit(1)
         swept, jobs = _sweep_of(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
         self.jobs_left = len(jobs)

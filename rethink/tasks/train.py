@@ -5,6 +5,7 @@ metrics.json. `resume=<run dir>` continues a run where its last checkpoint left 
 import gc
 import json
 import logging
+import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -24,6 +25,8 @@ from ..errors import UserError
 from ..models import build_model
 from ..models.pretrained import load_pretrained
 from ..models.profile import count_gmacs, count_params
+from ..rundir import torchrun_rank
+from ..train import distributed
 from ..train import progressive as progressive_learning
 from ..train.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from ..train.loop import EpochTotals, Inputs, Interrupted, Learner, NonFiniteLoss, evaluate, train_epoch
@@ -32,7 +35,7 @@ from ..train.optim import build_optimizer, build_scheduler
 from ..train.runtime import (
     StopSignals, peak_memory_mb, reset_memory_stats, resolve_device, resolve_precision, seed_everything, set_cpu_threads,
 )
-from ..train.tensorboard import log_session_end, log_session_start, open_writer
+from ..train.tensorboard import SILENT_WRITER, log_session_end, log_session_start, open_writer
 from . import checkpoint_run_config, command_line_keys, hydra_choice, hydra_job, write_json
 
 log = logging.getLogger("rethink")
@@ -73,8 +76,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         raise UserError(f"{run_dir} already holds a run; continue it with resume={run_dir}, or choose another hydra.run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = fit(cfg, run_dir, state, layout=_layout_name(cfg), job=hydra_job())
-    print(f"test acc {metrics['test_acc']:.4f} (best val acc {metrics['best_val_acc']:.4f} at epoch {metrics['best_epoch']})")
-    print(f"run directory: {run_dir}")
+    if not torchrun_rank():
+        print(f"test acc {metrics['test_acc']:.4f} (best val acc {metrics['best_val_acc']:.4f} at epoch {metrics['best_epoch']})")
+        print(f"run directory: {run_dir}")
     return metrics
 
 
@@ -82,27 +86,30 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     """Train `cfg` in `run_dir` (continuing `resumed`, a checkpoint); `job`: this run's number in a
     sweep, which picks its GPU when `trainer.device=auto` and there are several."""
     t = cfg.trainer
+    world = distributed.torchrun_world()  # a world of one outside torchrun
     cpu_threads = set_cpu_threads(t.cpu_threads)
     seed_everything(cfg.seed, t.deterministic)
-    device = resolve_device(t.device, job, t.jobs_per_gpu)
+    device = distributed.start(world, t.device) or resolve_device(t.device, job, t.jobs_per_gpu)
     precision = resolve_precision(t.amp.value, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
     reset_memory_stats(device)
 
-    data = _data(cfg, run_dir, resumed)
+    with distributed.main_first(world):  # rank 0 downloads and scans; the others then find its caches
+        data = _data(cfg, run_dir, resumed, write=world.is_main)
     classes = data.classes
-    model = _model(cfg, len(classes), resumed)
+    model = distributed.sync_batchnorm(_model(cfg, len(classes), resumed), world, t.sync_bn, device)
     progress = Progress(**{k: resumed[k] for k in asdict(Progress())}) if resumed else Progress()
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema else None
-    forward = torch.compile(model) if t.compile else model
+    forward = torch.compile(model) if t.compile else model  # what evaluates
+    trained = distributed.wrap(forward, world, device)  # what trains: under DDP, wrapped after compiling
 
     pin = device.type == "cuda"
-    train_loader = make_loader(data.train, cfg.data, train=True, seed=cfg.seed, pin_memory=pin)
-    val_loader = make_loader(data.val, cfg.data, train=False, seed=cfg.seed, pin_memory=pin, limit_batches=t.limit_val_batches)
+    train_loader = make_loader(data.train, cfg.data, train=True, seed=cfg.seed, pin_memory=pin, shard=world.shard)
+    val_loader = make_loader(data.val, cfg.data, train=False, seed=cfg.seed, pin_memory=pin, limit_batches=t.limit_val_batches, shard=world.shard)
     steps = len(train_loader) if t.limit_train_batches is None else min(len(train_loader), t.limit_train_batches)
     if resumed and resumed.get("steps_per_epoch", steps) != steps:
         raise UserError(
@@ -115,19 +122,20 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     if resumed:
         _restore_training_state(resumed, optimizer, scheduler, scaler, ema)
     inputs = Inputs(device, tuple(cfg.model.mean), tuple(cfg.model.std), t.channels_last)
-    learner = Learner(forward, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, len(classes)), t.label_smoothing, t.grad_clip)
-    stages = progressive_learning.ProgressiveLearning(cfg, len(classes), pin_memory=pin)  # progressive=none: changes nothing
+    learner = Learner(trained, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, len(classes)), t.label_smoothing, t.grad_clip)
+    stages = progressive_learning.ProgressiveLearning(cfg, len(classes), pin_memory=pin, shard=world.shard)  # none: changes nothing
 
     params, gmacs = count_params(model), count_gmacs(model, cfg.model.eval_size)
     show_progress = t.progress if t.progress is not None else sys.stdout.isatty()
     ckpt_dir = run_dir / "checkpoints"
-    if resumed:
+    if resumed and world.is_main:
         _set_aside_earlier_metrics(run_dir, progress.epoch)
-    writer = open_writer(run_dir, resume_step=progress.epoch if resumed else None)
+    writer = open_writer(run_dir, resume_step=progress.epoch if resumed else None) if world.is_main else SILENT_WRITER
+    save = save_checkpoint if world.is_main else lambda state, path: None
     ok = False
     try:
         if resumed is None:
-            log_session_start(writer, _hparams(cfg, layout, model, params, gmacs))
+            log_session_start(writer, _hparams(cfg, layout, model, params, gmacs, world))
             if t.image_grid:
                 writer.add_image("train/images", _image_grid(data.train), 0)
         log.info(
@@ -137,39 +145,45 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         )
 
         with StopSignals() as stop:
+            # under DDP the processes agree on stopping at each step; evaluation, whose shards differ in
+            # length, is not cut short there: a stop then waits for the end of the epoch
+            stop_training = distributed.agreed(stop, world, device)
+            stop_evaluating = stop if not world.distributed else (lambda: False)
             saved_rng = resumed.get("rng") if resumed and progress.partial else None
             for epoch in range(progress.epoch + 1, t.epochs + 1):
                 train_loader = stages.apply(epoch, train_loader, model, learner)  # a new stage: its image size and regularisation
-                _seed_epoch(cfg.seed, epoch, saved_rng)
+                _seed_epoch(cfg.seed, epoch, world.rank, saved_rng)
                 saved_rng = None
-                totals = EpochTotals(**progress.partial) if progress.partial else EpochTotals()
+                totals = distributed.own_share(world, EpochTotals(**progress.partial)) if progress.partial else EpochTotals()
                 set_epoch(train_loader, epoch, start_batch=totals.batches)  # after an interrupt: where it stopped
-                totals = _train_epoch(learner, islice(train_loader, steps - totals.batches), steps, totals, epoch, t, show_progress, stop, progress, ckpt_dir)
+                totals = _train_epoch(learner, islice(train_loader, steps - totals.batches), steps, totals, epoch, t, show_progress, stop_training, progress, ckpt_dir)
+                totals = distributed.sum_totals(world, totals, device)
                 val = val_ema = None
                 if not totals.interrupted:
                     try:
-                        val = evaluate(forward, val_loader, inputs, precision, len(classes), progress=show_progress, description="val", should_stop=stop)
-                        val_ema = evaluate(ema.module, val_loader, inputs, precision, len(classes), progress=show_progress, description="val ema", should_stop=stop) if ema else None
+                        val = distributed.sum_evaluation(world, evaluate(forward, val_loader, inputs, precision, len(classes), progress=show_progress, description="val", should_stop=stop_evaluating))
+                        val_ema = distributed.sum_evaluation(world, evaluate(ema.module, val_loader, inputs, precision, len(classes), progress=show_progress, description="val ema", should_stop=stop_evaluating)) if ema else None
                     except Interrupted:
                         totals.interrupted = True
                 if totals.interrupted:  # saved where it stopped, random state included: the resume finishes the epoch exactly
                     progress.partial = asdict(totals)
-                    save_checkpoint(_checkpoint(model, learner, cfg, classes, steps, progress, rng=_rng_state()), ckpt_dir / "last.pt")
-                    _stop(stop, f"in epoch {epoch} after {totals.batches} of {steps} batches", ckpt_dir, run_dir)
+                    save(_checkpoint(model, learner, cfg, classes, steps, progress, rng=distributed.gather(world, _rng_state())), ckpt_dir / "last.pt")
+                    _stop(stop, f"in epoch {epoch} after {totals.batches} of {steps} batches", ckpt_dir, run_dir, world)
                 record = _end_epoch(epoch, totals, val, val_ema, progress, stages.record())
                 _log_epoch(writer, record, progress.best_val_acc)
                 writer.flush()  # before the checkpoint: a kill between the two re-runs this epoch, logged once
-                save_checkpoint(_checkpoint(model, learner, cfg, classes, steps, progress), ckpt_dir / "last.pt")
-                if progress.best_epoch == epoch:
+                save(_checkpoint(model, learner, cfg, classes, steps, progress), ckpt_dir / "last.pt")
+                if progress.best_epoch == epoch and world.is_main:
                     copy_checkpoint(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
                 log.info(_epoch_line(record, progress, t.epochs))
-                if stop.requested:
-                    _stop(stop, f"after epoch {epoch}", ckpt_dir, run_dir)
+                if distributed.any_process(world, stop(), device):
+                    _stop(stop, f"after epoch {epoch}", ckpt_dir, run_dir, world)
 
+            distributed.barrier(world)  # best.pt is written
             try:
-                test, best_epoch = _test_best(model, ckpt_dir, ema is not None, data.test, cfg, inputs, precision, len(classes), pin, show_progress, stop)
+                test, best_epoch = _test_best(model, ckpt_dir, ema is not None, data.test, cfg, inputs, precision, len(classes), pin, show_progress, stop_evaluating, world)
             except Interrupted:
-                _stop(stop, f"while scoring the test split after epoch {progress.epoch}", ckpt_dir, run_dir)
+                _stop(stop, f"while scoring the test split after epoch {progress.epoch}", ckpt_dir, run_dir, world)
         writer.add_scalar("test/acc", test.acc, progress.epoch)
         writer.add_scalar("test/loss", test.loss, progress.epoch)
         writer.add_figure("test/confusion_matrix", confusion_figure(test.confusion, classes, f"test, epoch {best_epoch}"), progress.epoch)
@@ -183,7 +197,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             test_acc=test.acc,
             test_loss=test.loss,
             test_images=test.images,
-            val_images=len(val_loader.dataset),
+            val_images=last.get("val_images"),
             weights="ema" if ema is not None else "model",
             epochs=progress.epoch,
             params=params,
@@ -195,10 +209,13 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             device=str(device),
             precision=precision.name,
             cpu_threads=cpu_threads,
+            world_size=world.world_size,
+            global_batch=cfg.data.batch_size * world.world_size,
             model=cfg.model.name,
             seed=cfg.seed,
         )
-        write_json(run_dir / "metrics.json", metrics)
+        if world.is_main:
+            write_json(run_dir / "metrics.json", metrics)
         log.info(f"test acc {test.acc:.4f} (best checkpoint, epoch {progress.best_epoch}); wrote {run_dir / 'metrics.json'}")
         ok = True
         return metrics
@@ -212,6 +229,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        distributed.stop(world)
 
 
 def _finished_metrics(run_dir: Path, epochs: int) -> Optional[dict]:
@@ -223,11 +241,13 @@ def _finished_metrics(run_dir: Path, epochs: int) -> Optional[dict]:
     return metrics if metrics.get("epochs") == epochs else None
 
 
-def _data(cfg: DictConfig, run_dir: Path, resumed: Optional[dict]):
-    """The data set; a resumed run keeps its own split (its splits.csv), even if files were added since."""
+def _data(cfg: DictConfig, run_dir: Path, resumed: Optional[dict], write: bool = True):
+    """The data set; a resumed run keeps its own split (its splits.csv), even if files were added since.
+    `write`: record the classes and the split in the run folder (a new run)."""
     if resumed is None:
         data = build_data(cfg.data, cfg.model)
-        data.write_run_files(run_dir)
+        if write:
+            data.write_run_files(run_dir)
         return data
     manifest = run_dir / "splits.csv"
     data = build_data(cfg.data, cfg.model, manifest=manifest if manifest.is_file() else None)
@@ -285,7 +305,7 @@ def _end_epoch(epoch: int, totals: EpochTotals, val, val_ema, progress: Progress
     progress.train_time_s += totals.seconds
     progress.train_images += totals.images
     progress.partial = None
-    record = dict(epoch=epoch, train_loss=totals.loss, train_acc=totals.acc, val_loss=val.loss, val_acc=val.acc,
+    record = dict(epoch=epoch, train_loss=totals.loss, train_acc=totals.acc, val_loss=val.loss, val_acc=val.acc, val_images=val.images,
                   lr=totals.lr, epoch_s=totals.seconds, train_img_s=totals.images_per_s)
     if val_ema:
         record.update(val_ema_loss=val_ema.loss, val_ema_acc=val_ema.acc)
@@ -303,26 +323,29 @@ def _epoch_line(record: dict, progress: Progress, epochs: int) -> str:
     )
 
 
-def _test_best(model, ckpt_dir: Path, use_ema: bool, test_set, cfg, inputs, precision, num_classes, pin, show_progress, stop):
+def _test_best(model, ckpt_dir: Path, use_ema: bool, test_set, cfg, inputs, precision, num_classes, pin, show_progress, stop, world):
     """The best checkpoint's weights (its EMA weights when the run keeps an EMA) scored on the test split."""
     best = load_checkpoint(ckpt_dir / "best.pt", key="best checkpoint")
     model.load_state_dict(best["ema"] if use_ema and best.get("ema") else best["model"])
-    test_loader = make_loader(test_set, cfg.data, train=False, seed=cfg.seed, pin_memory=pin)
+    test_loader = make_loader(test_set, cfg.data, train=False, seed=cfg.seed, pin_memory=pin, shard=world.shard)
     log.info(f"scoring the best checkpoint (epoch {best['epoch']}) on the test split ({len(test_set)} images)")
     test = evaluate(model, test_loader, inputs, precision, num_classes, progress=show_progress, description="test", should_stop=stop)
-    return test, best["epoch"]
+    return distributed.sum_evaluation(world, test), best["epoch"]
 
 
-def _stop(stop: StopSignals, where: str, ckpt_dir: Path, run_dir: Path) -> None:
-    log.warning(f"stopped by signal {stop.requested} {where}; saved {ckpt_dir / 'last.pt'}; continue with resume={run_dir}")
-    raise SystemExit(128 + stop.requested)
+def _stop(stop: StopSignals, where: str, ckpt_dir: Path, run_dir: Path, world) -> None:
+    signum = stop.requested or signal.SIGTERM  # under DDP another process may have received it
+    log.warning(f"stopped by signal {signum} {where}; saved {ckpt_dir / 'last.pt'}; continue with resume={run_dir}")
+    distributed.barrier(world)  # no process exits (and so has torchrun end the others) before rank 0 has saved
+    raise SystemExit(128 + signum)
 
 
-def _seed_epoch(seed: int, epoch: int, saved_rng: Optional[dict]) -> None:
-    """Torch's random state for an epoch (dropout, drop path, mixup): seeded from (seed, epoch), or, in
-    an epoch that a signal cut short, the state it had when it stopped."""
-    torch.manual_seed(_epoch_seed(seed, epoch))
+def _seed_epoch(seed: int, epoch: int, rank: int, saved_rng: Optional[list]) -> None:
+    """Torch's random state for an epoch (dropout, drop path, mixup): seeded from (seed, epoch, rank),
+    or, in an epoch that a signal cut short, the state it had when it stopped."""
+    torch.manual_seed(_epoch_seed(seed, epoch, rank))
     if saved_rng is not None:
+        saved_rng = saved_rng[rank]
         torch.set_rng_state(saved_rng["cpu"])
         if saved_rng.get("cuda") and torch.cuda.is_available() and len(saved_rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(saved_rng["cuda"])
@@ -373,7 +396,7 @@ def _resume(cfg: DictConfig) -> tuple[DictConfig, Path, dict]:
 
 def _checkpoint(model, learner: Learner, cfg: DictConfig, classes: list, steps: int, progress: Progress, rng: Optional[dict] = None) -> dict:
     """Everything a resume needs (`model` is the module itself, not its torch.compile wrapper); `rng`:
-    torch's random state where a signal cut an epoch short."""
+    torch's random state of each process, by rank, where a signal cut an epoch short."""
     ema = learner.ema
     return dict(
         model=model.state_dict(),
@@ -390,12 +413,13 @@ def _checkpoint(model, learner: Learner, cfg: DictConfig, classes: list, steps: 
     )
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """Torch's seed for one epoch (dropout, drop path, mixup): the same whether or not the run was resumed."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Torch's seed for one epoch (dropout, drop path, mixup) of one DDP process: the same whether or
+    not the run was resumed."""
+    return int(np.random.SeedSequence([seed, epoch] + ([rank] if rank else [])).generate_state(1)[0])
 
 
-def _hparams(cfg: DictConfig, layout: str, model, params: int, gmacs: float) -> dict:
+def _hparams(cfg: DictConfig, layout: str, model, params: int, gmacs: float, world) -> dict:
     """What the run is, for TensorBoard's HPARAMS table: the recipe, and the network as built: one
     column per stage (`mbconv e6 k3 s2 c24 x2 se0.25`: block, expansion, kernel, stride, output
     channels, repeats, squeeze-excite ratio, after width and depth scaling)."""
@@ -411,6 +435,7 @@ def _hparams(cfg: DictConfig, layout: str, model, params: int, gmacs: float) -> 
         "drop_path_rate": m.drop_path_rate, "drop_path_schedule": m.drop_path_schedule.value,
         "pretrained": str(m.pretrained), "freeze": m.freeze.value,
         "data": d.name.value, "split_seed": d.split_seed, "batch_size": d.batch_size, "augment": d.augment.value,
+        "world_size": world.world_size, "global_batch": d.batch_size * world.world_size,
         "mixup_alpha": d.mixup_alpha, "cutmix_alpha": d.cutmix_alpha, "crop_pct": d.crop_pct,
         "optimizer": o.name.value, "lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay,
         "scheduler": cfg.scheduler.name.value, "warmup_epochs": cfg.scheduler.warmup_epochs,

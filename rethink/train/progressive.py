@@ -149,8 +149,8 @@ def allow_recompiles(stages: int) -> None:
 class ProgressiveLearning:
     """Puts each epoch's StageSettings into effect between epochs; with progressive=none it does nothing."""
 
-    def __init__(self, cfg: DictConfig, num_classes: int, *, pin_memory: bool = False):
-        self.cfg, self.num_classes, self.pin_memory = cfg, num_classes, pin_memory
+    def __init__(self, cfg: DictConfig, num_classes: int, *, pin_memory: bool = False, shard: tuple[int, int] = (0, 1)):
+        self.cfg, self.num_classes, self.pin_memory, self.shard = cfg, num_classes, pin_memory, shard
         self.enabled = enabled(cfg.progressive)
         self.current: Optional[StageSettings] = None
         if self.enabled:
@@ -175,7 +175,7 @@ class ProgressiveLearning:
         shut_down_workers(loader)
         self.current = settings
         log.info(_stage_line(settings, c.progressive.stages, c.trainer.epochs))
-        return make_loader(dataset, c.data, train=True, seed=c.seed, pin_memory=self.pin_memory)
+        return make_loader(dataset, c.data, train=True, seed=c.seed, pin_memory=self.pin_memory, shard=self.shard)
 
     def record(self) -> dict:
         """The settings of the epoch just trained, for its history record ({} with progressive=none)."""

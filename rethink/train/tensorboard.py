@@ -66,6 +66,19 @@ def truncate_events(run_dir: Path, last_step: int) -> int:
     return dropped
 
 
+class _SilentWriter:
+    """What DDP processes other than rank 0 write to: nothing (any method, any attribute)."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+SILENT_WRITER = _SilentWriter()
+
+
 def log_session_start(writer: SummaryWriter, hparams: Mapping[str, bool | int | float | str]) -> None:
     info = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
     for name, value in hparams.items():
