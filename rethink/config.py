@@ -9,7 +9,7 @@ import copy
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -182,6 +182,10 @@ class TrainerConfig:
     cudnn_benchmark: bool = True
     deterministic: bool = False
     grad_clip: Optional[float] = None  # max global gradient norm
+    # Memory savers (README, Performance): N loader batches (data.batch_size each) per optimizer step; and
+    # recompute each stage's activations in the backward pass instead of keeping them.
+    grad_accumulation: int = 1
+    grad_checkpointing: bool = False
     label_smoothing: float = 0.1
     ema: bool = False
     ema_decay: float = 0.999
@@ -219,9 +223,24 @@ class SummaryConfig:
 
 @dataclass
 class BenchmarkConfig:
+    """task=benchmark (rethink/tasks/benchmark.py): the input pipeline against the seed project's, and
+    the training step against torchvision's."""
+
+    pipeline: bool = True  # time the input pipeline
     images: int = 256  # samples timed per pipeline
     warmup: int = 16
     threads: int = 1  # per-core figures: one thread, no workers
+    training: bool = True  # time the training step (trainer.* settings, trainer.device and its threads)
+    image_size: Optional[int] = None  # null: model.train_size
+    batch_size: Optional[int] = None  # images per optimizer step; null: batch_per_model[model.name], else data.batch_size
+    batch_per_model: Dict[str, int] = field(default_factory=dict)  # for presets that sweep models
+    rounds: int = 5  # timed rounds; every run takes its turn in each, the order rotating
+    steps: int = 2  # optimizer steps per run per round
+    warmup_steps: int = 1  # untimed steps of each run first (torch.compile, cuDNN's search)
+    torchvision: bool = True  # also torchvision's network: as most users run it, and with our settings
+    # Our step with other trainer settings, each `key:value`, several joined by `+`, e.g.
+    # [grad_checkpointing:true, grad_accumulation:4, channels_last:false, amp:off, compile:true, ema:true]
+    variants: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -236,9 +255,10 @@ class CompareConfig:
     # Keys besides seed (always ignored) in which runs of one group may differ: how a run computes, not what
     # it computes, and the settings of other tasks. A key covers everything under it.
     ignore: List[str] = field(default_factory=lambda: [
-        "resume", "ckpt", "inputs", "task", "trainer.device", "trainer.cpu_threads", "trainer.progress",
-        "trainer.log_every_n_steps", "trainer.image_grid", "trainer.compile", "trainer.cudnn_benchmark",
-        "trainer.channels_last", "trainer.deterministic", "data.num_workers", "data.root", "data.cache_dir",
+        "resume", "ckpt", "inputs", "task", "trainer.device", "trainer.cpu_threads", "trainer.jobs_per_gpu",
+        "trainer.progress", "trainer.log_every_n_steps", "trainer.image_grid", "trainer.compile",
+        "trainer.cudnn_benchmark", "trainer.channels_last", "trainer.grad_checkpointing", "trainer.deterministic",
+        "data.num_workers", "data.root", "data.cache", "data.cache_dir",
         "eval", "predict", "export", "summary", "benchmark", "compare",
     ])
     also_ignore: List[str] = field(default_factory=list)  # more such keys, e.g. [trainer.amp] to pool precisions
@@ -330,6 +350,7 @@ RANGES = {
     "trainer.cpu_threads": _NULL_OR_AT_LEAST_1,
     "trainer.jobs_per_gpu": _AT_LEAST_1,
     "trainer.grad_clip": (lambda v: v is None or v > 0, "null (off) or positive"),
+    "trainer.grad_accumulation": _AT_LEAST_1,
     "trainer.label_smoothing": _FRACTION,
     "trainer.ema_decay": _FRACTION,
     "trainer.limit_train_batches": _NULL_OR_AT_LEAST_1,
@@ -348,6 +369,11 @@ RANGES = {
     "benchmark.images": _AT_LEAST_1,
     "benchmark.warmup": _NOT_NEGATIVE,
     "benchmark.threads": _AT_LEAST_1,
+    "benchmark.image_size": (lambda v: v is None or v >= 32, "null (model.train_size) or at least 32 (pixels)"),
+    "benchmark.batch_size": _NULL_OR_AT_LEAST_1,
+    "benchmark.rounds": _AT_LEAST_1,
+    "benchmark.steps": _AT_LEAST_1,
+    "benchmark.warmup_steps": _NOT_NEGATIVE,
     "compare.confidence": (lambda v: 0 < v < 1, "in (0, 1)"),
     "compare.power": (lambda v: 0 < v < 1, "in (0, 1)"),
     "compare.detect": (lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"),

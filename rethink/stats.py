@@ -81,7 +81,9 @@ def compare_samples(
     if a.variance + b.variance == 0:  # every seed gave the same number: no noise seen, and nothing to size a test by
         verdict = BETTER if diff > 0 else WORSE if diff < 0 else WITHIN_NOISE
         return Difference(a, b, diff, (diff, diff), None, verdict, None, None)
-    test = stats.ttest_ind(candidate, baseline, equal_var=False)
+    with warnings.catch_warnings():  # scipy warns of precision loss when one side's values are all equal; its result is exact
+        warnings.simplefilter("ignore", RuntimeWarning)
+        test = stats.ttest_ind(candidate, baseline, equal_var=False)
     ci = test.confidence_interval(confidence_level=confidence)
     low, high = float(ci.low), float(ci.high)
     verdict = BETTER if low > 0 else WORSE if high < 0 else WITHIN_NOISE

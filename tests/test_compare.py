@@ -28,12 +28,13 @@ TINY = [
     "model.train_size=32", "model.eval_size=32", "trainer.device=cpu", "trainer.epochs=1",
     "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.image_grid=false",
 ]
-# a network small enough to learn two synthetic classes in a few CPU seconds (b0 at a quarter of its width and depth)
+# a network that learns two synthetic classes to ~95% in 5 epochs, about a CPU second a run: B0 at a quarter
+# of its width and depth, every stage Fused-MBConv (plain convolutions, no SE: quick and steady to train)
 LEARNS = [
     "data=synthetic", "data.num_classes=2", "data.images_per_class=100", "data.image_size=24", "data.augment=none",
     "data.num_workers=0", "data.batch_size=16", "model.train_size=24", "model.eval_size=24", "model.width=0.25",
-    "model.depth=0.25", "model.dropout=0", "model.drop_path_rate=0", "optimizer.lr=0.05", "trainer.label_smoothing=0",
-    "trainer.device=cpu", "trainer.image_grid=false", "trainer.progress=false",
+    "model.depth=0.25", *(f"model.stages.{i}.block=fused" for i in range(7)), "model.dropout=0", "model.drop_path_rate=0",
+    "optimizer.lr=0.05", "trainer.label_smoothing=0", "trainer.device=cpu", "trainer.image_grid=false", "trainer.progress=false",
 ]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 
@@ -90,7 +91,7 @@ def test_groups_ignore_seed_and_how_a_run_computes_and_are_told_apart_by_what_di
     groups = group_runs(runs, ["seed", "trainer.device"])
     assert [len(g.runs) for g in groups] == [2, 1, 1]
     defaults = {"b0": {"model.train_size": 224, "model.stages.3.block": "mbconv"}, "v2_s": {"model.train_size": 300, "model.stages.3.block": "mbconv"}}
-    keys = label_groups(groups, lambda name: defaults[name])
+    keys = label_groups(groups, lambda group, option: defaults[option] if group == "model" else {})
     assert keys == ["model.name", "model.stages.3.block"]  # train_size follows the model: not a difference of its own
     assert groups[2].done == [] and groups[2].name == "model.name=v2_s, model.stages.3.block=mbconv"
 
@@ -99,6 +100,7 @@ def test_groups_ignore_seed_and_how_a_run_computes_and_are_told_apart_by_what_di
     assert pick_groups(groups, "baseline", "model=b0, model.stages.3.block=mbconv") == [groups[0]]
     for text, message in [("nosuch.key=1", "no key nosuch.key; the keys that differ between groups: model.name, model.stages.3.block"),
                           ("model.stages.3.block=fusd", "no group has model.stages.3.block=fusd; its values in the groups: mbconv, fused"),
+                          ("seed=1", "seed is a key in which runs of one group may differ"),
                           ("model", "expected key=value")]:
         with pytest.raises(UserError, match=message):
             pick_groups(groups, "baseline", text)
@@ -160,7 +162,7 @@ def test_a_sweep_ends_with_its_comparison_and_task_compare_lists_a_failed_job(tm
     assert [(r["model.name"], r["model.pretrained"], r["runs"]) for r in rows] == [
         ("b0", "false", "2 done"), ("v2_s", "false", "2 done"), ("b0", "/nonexistent.pt", "1 failed")]
     report = (out / "comparison.md").read_text()
-    assert "#3 (model.name=b0, model.pretrained=/nonexistent.pt) vs #1" in report and "**cannot judge**" in report
+    assert "#3 (model.pretrained=/nonexistent.pt) vs #1 (model.pretrained=false), 0 vs 2 seeds: **cannot judge**" in report
     assert "- failed: " in report and "no such file" in report
     assert (out / "val_curves.png").stat().st_size > 0 and (out / "accuracy_vs_cost.png").stat().st_size > 0
 
@@ -175,22 +177,29 @@ def test_a_sweep_ends_with_its_comparison_and_task_compare_lists_a_failed_job(tm
 
 def test_verdicts_better_for_a_planted_difference_and_within_noise_for_a_key_of_no_effect(tmp_path):
     groups = {"short": ["trainer.epochs=1", "optimizer.weight_decay=1e-4"],
-              "long": ["trainer.epochs=6", "optimizer.weight_decay=1e-4"],
-              "long_wd": ["trainer.epochs=6", "optimizer.weight_decay=1.0001e-4"]}
+              "long": ["trainer.epochs=5", "optimizer.weight_decay=1e-4"],
+              "long_wd": ["trainer.epochs=5", "optimizer.weight_decay=1.0001e-4"]}
     for name, overrides in groups.items():
         for seed in range(3):
             train_run(tmp_path / f"{name}_{seed}", [*LEARNS, *overrides, f"seed={seed}"])
 
-    def judged(baseline: str, candidate: str) -> list[dict]:
+    def judged(baseline: str, candidate: str) -> tuple[dict, dict]:
+        """The one verdict, and the table's rows by group number."""
         cfg = compose_config(["task=compare", f"compare.dirs=[{tmp_path}]", f'compare.baseline="{baseline}"', f'compare.candidate="{candidate}"'])
-        return compare(cfg, tmp_path / "compare")["verdicts"]
+        result = compare(cfg, tmp_path / "compare")
+        [verdict] = result["verdicts"]
+        return verdict, {row["group"]: row for row in result["groups"]}
 
-    [planted] = judged("trainer.epochs=1", "trainer.epochs=6,optimizer.weight_decay=0.0001")
+    planted, rows = judged("trainer.epochs=1", "trainer.epochs=5,optimizer.weight_decay=0.0001")
+    assert rows[planted["baseline"]]["trainer.epochs"] == "1" and rows[planted["candidate"]]["trainer.epochs"] == "5"
     assert planted["verdict"] == "better", planted
-    assert planted["ci_low"] > 0 and planted["detectable"] > 0 and planted["seeds_needed"] >= 2
+    assert 0 < planted["ci_low"] < planted["diff"] and 0 < planted["detectable"] < planted["diff"]
+    assert planted["seeds_needed"] is None  # 0.5 points at a spread of several points: more than 1000 seeds a side
+    assert "0.50 points would need more than 1000 seeds a side" in (tmp_path / "compare" / "comparison.md").read_text()
     # the weight-decay filter picks both 1e-4 groups as baselines: the candidate meets the one that differs only in it
-    [no_effect] = judged("optimizer.weight_decay=1e-4", "optimizer.weight_decay=1.0001e-4")
-    assert no_effect["baseline_name"] == "optimizer.weight_decay=0.0001, trainer.epochs=6"
+    no_effect, rows = judged("optimizer.weight_decay=1e-4", "optimizer.weight_decay=1.0001e-4")
+    assert rows[no_effect["baseline"]]["trainer.epochs"] == "5"
+    assert no_effect["baseline_name"] == "optimizer.weight_decay=0.0001"  # a verdict names what differs within its pair
     assert no_effect["verdict"] == "within noise", no_effect
     assert (tmp_path / "compare" / "comparison.md").is_file() and (tmp_path / "compare" / "val_curves.png").is_file()
 

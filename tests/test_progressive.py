@@ -2,7 +2,6 @@
 each stage's image size and regularisation, resume mid-stage, progressive=none unchanged, loader workers,
 torch.compile's recompile limit, the experiment."""
 
-import glob
 import multiprocessing
 import os
 import signal
@@ -10,7 +9,6 @@ import signal
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -20,6 +18,7 @@ from rethink.tasks.train import train
 from rethink.train import progressive
 from rethink.train.checkpoint import load_checkpoint
 from rethink.train.progressive import ProgressiveLearning, stage_of, stage_settings, stage_size
+from test_train import scalars
 
 # A small network (b0's layout at width 0.25, one block per stage) at 32-64 px, one CPU thread.
 TINY = [
@@ -36,16 +35,6 @@ def tiny(*overrides: str):
     cfg = compose_config([*TINY, *overrides])
     validate(cfg)
     return cfg
-
-
-def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
-    found = {}
-    for path in sorted(glob.glob(f"{run_dir}/events.out.tfevents*")):
-        acc = EventAccumulator(path)
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            found.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return found
 
 
 def recording_steps(monkeypatch, seen: list) -> None:

@@ -5,6 +5,7 @@ they are created keeps the state_dict in torchvision's order, so its weights map
 (see pretrained.py).
 """
 
+import torch
 from torch import nn
 
 from .spec import expanded_channels, squeeze_channels
@@ -52,6 +53,16 @@ class DropPath(nn.Module):
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask.div_(keep)
 
+    def add_to(self, shortcut, x):
+        """`shortcut + self(x)`, a block's residual sum, without the extra pass over memory that the two
+        steps take: one fused multiply-add in training, an in-place add into `x` (the branch's output,
+        which nothing else reads) otherwise. The same random draws as `forward`."""
+        if not self.training or self.p == 0.0:
+            return x.add_(shortcut)
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return torch.addcmul(shortcut, x, mask.div_(keep))
+
     def extra_repr(self) -> str:
         return f"p={self.p:.4f}"
 
@@ -71,7 +82,7 @@ class MBConv(nn.Module):
 
     def forward(self, x):
         out = self.project(self.se(self.depthwise(self.expand(x))))
-        return x + self.drop_path(out) if self.has_residual else out
+        return self.drop_path.add_to(x, out) if self.has_residual else out
 
 
 class FusedMBConv(nn.Module):
@@ -97,7 +108,7 @@ class FusedMBConv(nn.Module):
 
     def forward(self, x):
         out = self.project(self.se(self.expand(x)))
-        return x + self.drop_path(out) if self.has_residual else out
+        return self.drop_path.add_to(x, out) if self.has_residual else out
 
 
 BLOCKS = {"mbconv": MBConv, "fused": FusedMBConv}

@@ -1,8 +1,11 @@
 """EfficientNet assembled from a decoded NetworkSpec: stem, stages of blocks, head, classifier."""
 
 import math
+from contextlib import contextmanager, nullcontext
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import BLOCKS, ConvBNAct
 from .spec import NetworkSpec
@@ -40,6 +43,7 @@ class EfficientNet(nn.Module):
         self.dropout = nn.Dropout(spec.dropout)
         self.classifier = nn.Linear(spec.head, num_classes)
         self.backbone_frozen = False
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self):
@@ -88,11 +92,50 @@ class EfficientNet(nn.Module):
                 part.eval()
         return self
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each stage's input for the backward pass and recompute the stage's activations
+        there (torch.utils.checkpoint, per stage, in training only): much less activation memory for
+        about one more forward pass of the stages. Same gradients: drop path draws the same masks in
+        the recomputation (the random state is restored), and BatchNorm normalises with the same batch
+        statistics without updating its running statistics a second time."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x):
-        return self.head(self.stages(self.stem(x)))
+        x = self.stem(x)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for stage in self.stages:
+                x = checkpoint(stage, x, use_reentrant=False, context_fn=_once_per_step(stage))
+        else:
+            x = self.stages(x)
+        return self.head(x)
 
     def forward_head(self, features):
         return self.classifier(self.dropout(self.pool(features).flatten(1)))
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+def _once_per_step(stage: nn.Module):
+    """checkpoint's context_fn: the forward as usual; the recomputation with the stage's BatchNorm
+    layers at momentum 0 (their running statistics stay as they are: the forward already updated them
+    with the same batch, and torch would update them a second time) and their batch counters put back.
+    Under torch.compile, which recomputes inside the compiled backward without repeating buffer
+    updates, nothing."""
+    if torch.compiler.is_compiling():
+        return lambda: (nullcontext(), nullcontext())
+
+    @contextmanager
+    def statistics_kept():
+        norms = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+        for m in norms:
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for m, (momentum, batches) in zip(norms, saved):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(batches)
+
+    return lambda: (nullcontext(), statistics_kept())

@@ -1,4 +1,10 @@
-"""task=benchmark: training samples per second per core, the seed project's input pipeline against ours.
+"""task=benchmark: where a training run's time and memory go, measured in one process, as ratios.
+
+Two parts, each switchable, both in benchmark.json and printed as tables:
+- the training step (benchmark.training): ours, through the trainer's own Learner with the run's trainer.*
+  settings, against torchvision's same network; see benchmark_step.py.
+- the input pipeline (benchmark.pipeline), below: training samples per second per core, the seed
+  project's input pipeline against ours.
 
 Reference: the seed project's pipeline (PIL open, RandomResizedCrop, horizontal flip, ToTensor, Normalize,
 torchvision.transforms). Cached: ours, as a loader worker runs it (the image read back from the decoded-
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import default_collate
@@ -33,7 +40,7 @@ from ..data.datasets import FileImages
 from ..data.loaders import SeededSampler
 from ..config import value
 from ..errors import UserError
-from . import write_json
+from . import benchmark_step, write_json
 
 log = logging.getLogger("rethink")
 
@@ -43,13 +50,31 @@ PHOTO_SIZE = (500, 375)  # a typical tf_flowers photo
 
 def benchmark(cfg: DictConfig, run_dir: Path) -> dict:
     b = cfg.benchmark
+    if not (b.training or b.pipeline):
+        raise UserError("benchmark.training and benchmark.pipeline are both false: nothing to time")
+    result = dict(cpu=cpu_model(), torch=torch.__version__, torchvision=torchvision.__version__)
+    tables = []
+    if b.training:
+        result["training"] = benchmark_step.measure(cfg)
+        tables.append(benchmark_step.format_training(result["training"]))
+    if b.pipeline:
+        result["input_pipeline"] = _input_pipeline(cfg)
+        tables.append(format_pipeline(result["input_pipeline"], result["cpu"]))
+    print("\n\n".join(tables))
+    write_json(run_dir / "benchmark.json", result)
+    log.info(f"wrote {run_dir / 'benchmark.json'}")
+    return result
+
+
+def _input_pipeline(cfg: DictConfig) -> dict:
+    b = cfg.benchmark
     threads = torch.get_num_threads()
     torch.set_num_threads(b.threads)
     try:
         rates, source, cache_side, full_size = _measure(cfg)
     finally:
         torch.set_num_threads(threads)  # the rest of the process (a sweep's next job) keeps its threads
-    result = {
+    return {
         "data": source,
         "images": b.images,
         "warmup": b.warmup,
@@ -58,15 +83,10 @@ def benchmark(cfg: DictConfig, run_dir: Path) -> dict:
         "train_size": cfg.model.train_size,
         "cache_side": cache_side,
         "cached_at_full_size": full_size,
-        "cpu": cpu_model(),
         "samples_per_s": {name: round(rate, 1) for name, rate in rates.items()},
         "ratio_cached_vs_reference": round(rates["cached"] / rates["reference"], 2),
         "ratio_cached_cpu_normalize_vs_reference": round(rates["cached_cpu_normalize"] / rates["reference"], 2),
     }
-    print(format_benchmark(result))
-    write_json(run_dir / "benchmark.json", result)
-    log.info(f"wrote {run_dir / 'benchmark.json'}")
-    return result
 
 
 def _measure(cfg: DictConfig) -> tuple[dict, str, int, float]:
@@ -99,12 +119,12 @@ def _shorter_side(path: Path) -> int:
         return min(image.size)
 
 
-def format_benchmark(result: dict) -> str:
+def format_pipeline(result: dict, cpu: str) -> str:
     rates = result["samples_per_s"]
     per_core = f"per core ({result['threads']} thread{'s' if result['threads'] > 1 else ''}, no workers)"
     return "\n".join(
         [
-            f"input pipeline, training samples/s {per_core}, {result['train_size']} px, {result['cpu']}",
+            f"input pipeline, training samples/s {per_core}, {result['train_size']} px, {cpu}",
             f"data: {result['data']}; cached at shorter side <= {result['cache_side']} px ({result['cached_at_full_size']:.0%} at full size)",
             f"  reference (PIL decode + RandomResizedCrop + ToTensor + Normalize) {rates['reference']:8.1f}",
             f"  cached (uint8 cache + RandomResizedCrop + flip)                  {rates['cached']:8.1f}  x{result['ratio_cached_vs_reference']:.2f}",

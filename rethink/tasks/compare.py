@@ -166,7 +166,12 @@ class Group:
 
     @property
     def name(self) -> str:
-        return ", ".join(f"{k}={_show(v)}" for k, v in self.label.items()) or "all runs"
+        return self.name_against(self)
+
+    def name_against(self, other: "Group") -> str:
+        """The label's keys in which this group differs from `other` (all of them against itself)."""
+        keys = [k for k, v in self.label.items() if other is self or other.label.get(k) != v]
+        return ", ".join(f"{k}={_show(self.label[k])}" for k in keys) or "all runs"
 
 
 def flatten(node: Any, prefix: str = "") -> dict:
@@ -197,16 +202,20 @@ def group_runs(runs: Sequence[Run], ignored: Sequence[str]) -> list[Group]:
     return list(groups.values())
 
 
-def label_groups(groups: Sequence[Group], model_defaults: Callable[[str], dict]) -> list[str]:
+def label_groups(groups: Sequence[Group], option_defaults: Callable[[str, str], dict]) -> list[str]:
     """Set each group's label to the keys whose values differ between the groups, and return those keys.
-    A `model.*` key is left out where every group has its model's own value (`model_defaults(name)`),
-    so `model=b0,v2_s` is told apart by `model.name` alone, not by every size and stage."""
+    A key of a config group with a name (`model.*`, `optimizer.*`, ...) is left out where every group
+    has the value its option sets (`option_defaults("model", "v2_s")`), so `model=b0,v2_s` is told
+    apart by `model.name` alone, not by every size and stage, and `optimizer=sgd,adamw` by `optimizer.name`."""
     keys = list(dict.fromkeys(k for group in groups for k in group.config))
     differing = [k for k in keys if len({repr(g.config.get(k, ABSENT)) for g in groups}) > 1]
 
     def implied(key: str) -> bool:
-        return key.startswith("model.") and key != "model.name" and all(
-            g.config.get(key, ABSENT) == model_defaults(str(g.config.get("model.name"))).get(key, ABSENT) for g in groups
+        option = key.split(".")[0]
+        return key != f"{option}.name" and all(
+            f"{option}.name" in g.config
+            and g.config.get(key, ABSENT) == option_defaults(option, str(g.config[f"{option}.name"])).get(key, ABSENT)
+            for g in groups
         )
 
     shown = [k for k in differing if not implied(k)]
@@ -229,7 +238,9 @@ def pick_groups(groups: Sequence[Group], option: str, text: str) -> list[Group]:
             key = f"{key}.name"
         if key not in keys:
             differing = ", ".join(k for k in groups[0].label) or "none, there is one group"
-            raise UserError(f"compare.{option}={text}: the runs have no key {key}; the keys that differ between groups: {differing}")
+            ignored = any(key in run.flat for group in groups for run in group.runs)
+            why = f"{key} is a key in which runs of one group may differ (compare.ignore)" if ignored else f"the runs have no key {key}"
+            raise UserError(f"compare.{option}={text}: {why}; the keys that differ between groups: {differing}")
         picked = [g for g in picked if _matches(g.config.get(key, ABSENT), wanted)]
         if not picked:
             values = ", ".join(dict.fromkeys(_show(g.config.get(key, ABSENT)) for g in groups))
@@ -290,9 +301,9 @@ class Comparison:
 
 
 def build_comparison(runs: Sequence[Run], settings: CompareConfig, sources: Sequence[str] = (),
-                     model_defaults: Optional[Callable[[str], dict]] = None) -> Comparison:
+                     option_defaults: Optional[Callable[[str, str], dict]] = None) -> Comparison:
     groups = group_runs(runs, ["seed", *settings.ignore, *settings.also_ignore])
-    keys = label_groups(groups, model_defaults or default_model_config)
+    keys = label_groups(groups, option_defaults or config_group_defaults)
     pairs = []
     if groups:
         baseline = pick_groups(groups, "baseline", settings.baseline) if settings.baseline else None
@@ -334,7 +345,8 @@ def judge(number_a: int, baseline: Group, number_b: int, candidate: Group, setti
     d = stats.compare_samples(per_seed(baseline.done, "test_acc"), per_seed(candidate.done, "test_acc"),
                               settings.confidence, settings.power, settings.detect)
     return {
-        "baseline": number_a, "candidate": number_b, "baseline_name": baseline.name, "candidate_name": candidate.name,
+        "baseline": number_a, "candidate": number_b,
+        "baseline_name": baseline.name_against(candidate), "candidate_name": candidate.name_against(baseline),
         "baseline_seeds": d.baseline.n, "candidate_seeds": d.candidate.n,
         "diff": d.diff, "ci_low": d.ci[0] if d.ci else None, "ci_high": d.ci[1] if d.ci else None, "p_value": d.p_value,
         "verdict": d.verdict, "detectable": d.detectable, "seeds_needed": d.seeds_needed,
@@ -402,7 +414,7 @@ def markdown(comparison: Comparison) -> str:
         f"Runs: {len(runs)}; groups: {len(comparison.groups)} (runs whose configs differ only in seed and in the keys of "
         f"compare.ignore, listed at the end of comparison.md). Accuracies in percent: mean ± standard deviation over "
         f"seeds, and the {level} confidence interval of the mean."
-        + (" Runs that repeat a seed in one group are averaged first." if any(len(g.done) > len(per_seed(g.done, "test_acc")) for g in comparison.groups) else ""),
+        + (" Runs that repeat a seed in one group are averaged first." if _repeats_a_seed(comparison.groups) else ""),
         "",
     ]
     header = ["#", *comparison.keys, "seeds", "runs", "test acc %", f"{level} CI", "best val acc %", "final train loss",
@@ -428,6 +440,10 @@ def markdown(comparison: Comparison) -> str:
         lines += [f"- {run.state}: {run.path}" + (f" ({run.note})" if run.note else "") for run in unfinished]
         lines.append("")
     return "\n".join(lines)
+
+
+def _repeats_a_seed(groups: Sequence[Group]) -> bool:
+    return any(len({run.flat.get("seed") for run in g.done}) < len(g.done) for g in groups)
 
 
 def _verdict_line(v: dict, s: CompareConfig) -> str:
@@ -549,12 +565,14 @@ def _val_curves(comparison: Comparison):
 
 
 @functools.cache
-def default_model_config(name: str) -> dict:
-    """The flat `model.*` keys of `model=<name>` as conf/ defines it today ({} for an unknown model)."""
+def config_group_defaults(group: str, option: str) -> dict:
+    """The flat `<group>.*` keys that `<group>=<option>` sets as conf/ defines it today (`model=v2_s`:
+    its sizes and its stage layout); {} when there is no such option (any more)."""
     try:
-        return {k: v for k, v in flatten(plain(compose_config([f"model={name}"]))).items() if k.startswith("model.")}
+        config = flatten(plain(compose_config([f"{group}={option}"])))
     except Exception:
         return {}
+    return {k: v for k, v in config.items() if k.startswith(f"{group}.")}
 
 
 def compare(cfg: DictConfig, run_dir: Path) -> dict:

@@ -44,6 +44,7 @@ log = logging.getLogger("rethink")
 # (Not trainer.limit_val_batches: it changes which images validate; nor data.cache: a run keeps how it was read.)
 RESUMABLE = (
     "trainer.epochs", "trainer.device", "trainer.amp", "trainer.compile", "trainer.progress", "trainer.cpu_threads", "trainer.jobs_per_gpu",
+    "trainer.grad_checkpointing",
     "trainer.log_every_n_steps", "trainer.cudnn_benchmark", "trainer.image_grid", "data.num_workers", "data.root",
     "data.cache_dir",
 )
@@ -110,19 +111,20 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     pin = device.type == "cuda"
     train_loader = make_loader(data.train, cfg.data, train=True, seed=cfg.seed, pin_memory=pin, shard=world.shard)
     val_loader = make_loader(data.val, cfg.data, train=False, seed=cfg.seed, pin_memory=pin, limit_batches=t.limit_val_batches, shard=world.shard)
-    steps = len(train_loader) if t.limit_train_batches is None else min(len(train_loader), t.limit_train_batches)
+    steps = _batches_per_epoch(train_loader, t)  # whole groups of trainer.grad_accumulation batches
     if resumed and resumed.get("steps_per_epoch", steps) != steps:
         raise UserError(
             f"resume={run_dir}: an epoch now has {steps} steps, the run had {resumed['steps_per_epoch']}; "
             "the data or data.batch_size changed, and the run cannot go on as it was"
         )
     optimizer = build_optimizer(model, plain(cfg.optimizer))
-    scheduler = build_scheduler(optimizer, steps, t.epochs, plain(cfg.scheduler))
+    scheduler = build_scheduler(optimizer, steps // t.grad_accumulation, t.epochs, plain(cfg.scheduler))  # per optimizer step
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     if resumed:
         _restore_training_state(resumed, optimizer, scheduler, scaler, ema)
     inputs = Inputs(device, tuple(cfg.model.mean), tuple(cfg.model.std), t.channels_last)
-    learner = Learner(trained, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, len(classes)), t.label_smoothing, t.grad_clip)
+    learner = Learner(trained, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, len(classes)), t.label_smoothing, t.grad_clip,
+                      grad_accumulation=t.grad_accumulation)
     stages = progressive_learning.ProgressiveLearning(cfg, len(classes), pin_memory=pin, shard=world.shard)  # none: changes nothing
 
     params, gmacs = count_params(model), count_gmacs(model, cfg.model.eval_size)
@@ -257,7 +259,8 @@ def _data(cfg: DictConfig, run_dir: Path, resumed: Optional[dict], write: bool =
 
 
 def _model(cfg: DictConfig, num_classes: int, resumed: Optional[dict]):
-    """The network, with pretrained weights (a new run) or the run's own (a resume), frozen as asked."""
+    """The network, with pretrained weights (a new run) or the run's own (a resume), frozen and
+    checkpointed as asked."""
     model = build_model(cfg.model, num_classes)
     if resumed is None and cfg.model.pretrained not in (False, None):
         report, norm = load_pretrained(model, cfg.model.pretrained, cfg.model.torchvision_weights)
@@ -266,6 +269,7 @@ def _model(cfg: DictConfig, num_classes: int, resumed: Optional[dict]):
             cfg.model.mean, cfg.model.std = norm
     if cfg.model.freeze.value == "backbone":
         model.freeze_backbone()
+    model.set_grad_checkpointing(cfg.trainer.grad_checkpointing)
     if resumed:
         model.load_state_dict(resumed["model"])
     return model
@@ -279,6 +283,19 @@ def _restore_training_state(resumed: dict, optimizer, scheduler, scaler, ema) ->
     if ema is not None and resumed.get("ema"):
         ema.module.load_state_dict(resumed["ema"])
         ema.n_averaged.fill_(resumed["ema_updates"])
+
+
+def _batches_per_epoch(train_loader, t: DictConfig) -> int:
+    """The loader batches an epoch trains on: all of them (or trainer.limit_train_batches), rounded down to
+    whole optimizer steps of trainer.grad_accumulation batches; the few left over wait for the next
+    epoch's shuffle, as drop_last does with images."""
+    batches = len(train_loader) if t.limit_train_batches is None else min(len(train_loader), t.limit_train_batches)
+    if batches < t.grad_accumulation:
+        raise UserError(
+            f"trainer.grad_accumulation={t.grad_accumulation}: an epoch has only {batches} batches of data.batch_size="
+            f"{train_loader.batch_size}; accumulate fewer batches, or use smaller ones"
+        )
+    return batches - batches % t.grad_accumulation
 
 
 def _train_epoch(learner, batches, steps, totals, epoch, t, show_progress, stop, progress, ckpt_dir) -> EpochTotals:
@@ -440,6 +457,7 @@ def _hparams(cfg: DictConfig, layout: str, model, params: int, gmacs: float, wor
         "optimizer": o.name.value, "lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay,
         "scheduler": cfg.scheduler.name.value, "warmup_epochs": cfg.scheduler.warmup_epochs,
         "epochs": t.epochs, "label_smoothing": t.label_smoothing, "grad_clip": t.grad_clip or 0.0,
+        "grad_accumulation": t.grad_accumulation,
         "ema": t.ema, "ema_decay": t.ema_decay if t.ema else 0.0,
         "limit_train_batches": t.limit_train_batches or 0, "limit_val_batches": t.limit_val_batches or 0,
         "seed": cfg.seed, "params": params, "gmacs": round(gmacs, 4), **progressive_learning.hparams(cfg),

@@ -2,7 +2,8 @@
 
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -44,9 +45,12 @@ class Inputs:
 
 @dataclass
 class Learner:
-    """Everything one optimizer step needs."""
+    """Everything a training step needs. `step` trains on one loader batch. With `grad_accumulation`
+    N > 1 that batch is a micro-batch: N of them add up their gradients (each loss divided by N, so the
+    sum is the gradient of their mean loss) and every N-th call steps the optimizer, the schedule and
+    the EMA. BatchNorm sees each micro-batch on its own (its statistics are per micro-batch)."""
 
-    model: nn.Module  # the module that runs forward: the model itself, or its torch.compile wrapper
+    model: nn.Module  # the module that runs forward: the model itself, or its torch.compile / DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     inputs: Inputs
@@ -56,23 +60,50 @@ class Learner:
     mixer: Optional[Callable] = None  # mixup / cutmix on the device
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None
+    grad_accumulation: int = 1
+    pending: int = field(default=0, init=False)  # micro-batches whose gradients wait for the optimizer step
+
+    @property
+    def between_steps(self) -> bool:
+        """No micro-batch is waiting for its optimizer step: a stop or a checkpoint here loses nothing."""
+        return self.pending == 0
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns the loss and the number of correct top-1 predictions, both
-        still on the device (reading them would synchronise). A step the gradient scaler skips (fp16
-        overflow) leaves the weights, the schedule and the EMA as they were."""
+        """Forward and backward on one batch, then the optimizer step once `grad_accumulation` batches
+        have added their gradients. Returns the batch's loss and its number of correct top-1
+        predictions, both still on the device (reading them would synchronise)."""
+        loss, correct = self.forward_backward(images, labels)
+        if self.pending == self.grad_accumulation:
+            self.optimizer_step()
+        return loss, correct
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add one batch's gradients (of its loss / grad_accumulation) to those waiting."""
+        if self.pending == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.pending += 1
         x = self.inputs(images)
         labels = labels.to(x.device, non_blocking=True)
         targets = labels
         if self.mixer is not None:
             x, targets = self.mixer(x, labels)
-        with self.precision.autocast():
-            logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
+        last = self.pending == self.grad_accumulation
+        # under DDP the gradients are averaged across processes once per optimizer step, not per micro-batch
+        with nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+            with self.precision.autocast():
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+            share = loss / self.grad_accumulation if self.grad_accumulation > 1 else loss
+            (self.scaler.scale(share) if self.scaler is not None else share).backward()
+        correct = (logits.detach().argmax(1) == labels).sum()
+        return loss.detach(), correct
+
+    def optimizer_step(self) -> None:
+        """Step the optimizer on the gradients gathered since the last step (clipped to `grad_clip`
+        first), then the schedule and the EMA; a step the fp16 gradient scaler skips (an overflow)
+        leaves the weights, the schedule and the EMA as they were."""
         stepped = True
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -81,16 +112,20 @@ class Learner:
             self.scaler.update()
             stepped = self.scaler.get_scale() >= scale  # the scaler lowers its scale exactly when it skipped the step
         else:
-            loss.backward()
             if self.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
+        self.pending = 0
         if stepped:
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
-        correct = (logits.detach().argmax(1) == labels).sum()
-        return loss.detach(), correct
+
+    def drop_pending(self) -> None:
+        """Forget the gradients of micro-batches no optimizer step has used (an incomplete last group)."""
+        if self.pending:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending = 0
 
 
 @dataclass
@@ -131,7 +166,7 @@ def train_epoch(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> EpochTotals:
     """Train on `batches`, the rest of an epoch of `num_batches` batches, adding to `totals`.
-    Returns early, with `interrupted` set, when `should_stop()` turns true between steps.
+    Returns early, with `interrupted` set, when `should_stop()` turns true between optimizer steps.
     Raises NonFiniteLoss when the loss stops being finite (with a gradient scaler: for a whole
     window of steps, since fp16 overflows are skipped by the scaler and are not divergence)."""
     learner.model.train()
@@ -145,7 +180,7 @@ def train_epoch(
                dynamic_ncols=True, file=sys.stdout)
     try:
         for images_u8, labels in batches:
-            if should_stop():
+            if learner.between_steps and should_stop():  # with gradient accumulation: between optimizer steps
                 totals.interrupted = True
                 break
             if totals.lr is None:
@@ -171,6 +206,7 @@ def train_epoch(
                     img_s=f"{seen / elapsed:.0f}",
                 )
         _check_finite(nonfinite, totals.batches - window_start, learner.scaler is not None, totals.batches)
+        learner.drop_pending()  # batches that ran out before a whole group of grad_accumulation (fit never gives such)
     finally:
         bar.close()
     if device.type == "cuda":
