@@ -248,12 +248,14 @@ def test_torchvision_sets_offline_are_one_clear_line(tmp_path, monkeypatch, name
 def test_benchmark_writes_its_figures(tmp_path):
     from rethink.tasks.benchmark import benchmark
 
-    cfg = compose_config(["task=benchmark", "data=synthetic", "model.train_size=32", "model.eval_size=32", "benchmark.images=6", "benchmark.warmup=2"])
+    cfg = compose_config(["task=benchmark", "data=synthetic", "model.train_size=32", "model.eval_size=32", "benchmark.images=6", "benchmark.warmup=2",
+                          "benchmark.training=false"])  # the training step: tests/test_benchmark.py
     result = benchmark(cfg, tmp_path / "run")
     written = json.loads((tmp_path / "run" / "benchmark.json").read_text())
     assert written == result
-    assert set(result["samples_per_s"]) == {"reference", "cached", "cached_cpu_normalize"}
-    assert all(rate > 0 for rate in result["samples_per_s"].values()) and result["cpu"]
+    pipeline = result["input_pipeline"]
+    assert set(pipeline["samples_per_s"]) == {"reference", "cached", "cached_cpu_normalize"}
+    assert all(rate > 0 for rate in pipeline["samples_per_s"].values()) and result["cpu"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -104,7 +104,7 @@ class EfficientNet(nn.Module):
         x = self.stem(x)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             for stage in self.stages:
-                x = checkpoint(stage, x, use_reentrant=False, context_fn=_once_per_step(stage))
+                x = _checkpointed(stage, x)
         else:
             x = self.stages(x)
         return self.head(x)
@@ -116,26 +116,26 @@ class EfficientNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _once_per_step(stage: nn.Module):
-    """checkpoint's context_fn: the forward as usual; the recomputation with the stage's BatchNorm
-    layers at momentum 0 (their running statistics stay as they are: the forward already updated them
-    with the same batch, and torch would update them a second time) and their batch counters put back.
-    Under torch.compile, which recomputes inside the compiled backward without repeating buffer
-    updates, nothing."""
+def _checkpointed(stage: nn.Module, x):
+    """`stage(x)`, keeping only `x` for the backward pass, which recomputes the stage (torch.utils.checkpoint;
+    the random state is restored for it, so drop path draws the same masks). In the recomputation the
+    stage's BatchNorm layers run at momentum 0 and their batch counters are put back: the forward already
+    updated their running statistics with the same batch, and torch would update them a second time.
+    Under torch.compile, whose compiled backward recomputes without repeating that update, plain checkpoint."""
     if torch.compiler.is_compiling():
-        return lambda: (nullcontext(), nullcontext())
+        return checkpoint(stage, x, use_reentrant=False)
+    return checkpoint(stage, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _statistics_kept(stage)))
 
-    @contextmanager
-    def statistics_kept():
-        norms = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-        for m in norms:
-            m.momentum = 0.0
-        try:
-            yield
-        finally:
-            for m, (momentum, batches) in zip(norms, saved):
-                m.momentum = momentum
-                m.num_batches_tracked.copy_(batches)
 
-    return lambda: (nullcontext(), statistics_kept())
+@contextmanager
+def _statistics_kept(stage: nn.Module):
+    norms = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, batches) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(batches)

@@ -1,10 +1,10 @@
 """task=benchmark: where a training run's time and memory go, measured in one process, as ratios.
 
 Two parts, each switchable, both in benchmark.json and printed as tables:
-- the training step (benchmark.training): ours, through the trainer's own Learner with the run's trainer.*
-  settings, against torchvision's same network; see benchmark_step.py.
 - the input pipeline (benchmark.pipeline), below: training samples per second per core, the seed
   project's input pipeline against ours.
+- the training step (benchmark.training): ours, through the trainer's own Learner with the run's trainer.*
+  settings, against torchvision's same network; see benchmark_step.py.
 
 Reference: the seed project's pipeline (PIL open, RandomResizedCrop, horizontal flip, ToTensor, Normalize,
 torchvision.transforms). Cached: ours, as a loader worker runs it (the image read back from the decoded-
@@ -52,14 +52,16 @@ def benchmark(cfg: DictConfig, run_dir: Path) -> dict:
     b = cfg.benchmark
     if not (b.training or b.pipeline):
         raise UserError("benchmark.training and benchmark.pipeline are both false: nothing to time")
+    if b.training:
+        benchmark_step.plan(cfg)  # its mistakes before anything is timed
     result = dict(cpu=cpu_model(), torch=torch.__version__, torchvision=torchvision.__version__)
     tables = []
+    if b.pipeline:  # first: a data set that is not there fails before anything is timed
+        result["input_pipeline"] = _input_pipeline(cfg)
+        tables.append(format_pipeline(result["input_pipeline"], result["cpu"]))
     if b.training:
         result["training"] = benchmark_step.measure(cfg)
         tables.append(benchmark_step.format_training(result["training"]))
-    if b.pipeline:
-        result["input_pipeline"] = _input_pipeline(cfg)
-        tables.append(format_pipeline(result["input_pipeline"], result["cpu"]))
     print("\n\n".join(tables))
     write_json(run_dir / "benchmark.json", result)
     log.info(f"wrote {run_dir / 'benchmark.json'}")

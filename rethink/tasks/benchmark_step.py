@@ -30,11 +30,12 @@ allocator holds on to.
 import copy
 import ctypes
 import gc
-import math
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -65,44 +66,52 @@ VARIANT_KEYS = ("channels_last", "amp", "compile", "ema", "grad_accumulation", "
 class Run:
     name: str
     settings: dict  # how it trains, for benchmark.json
-    step: Callable[[], None]  # one optimizer step
-    forward: Callable[[], torch.Tensor]  # the forward pass of one (micro-)batch, as the step runs it
+    step: Optional[Callable[[], None]]  # one optimizer step
+    forward: Optional[Callable[[], torch.Tensor]]  # the forward pass of one (micro-)batch, as the step runs it
     saved_mb: float = 0.0  # what that forward keeps for the backward pass
     own_mb: float = 0.0  # memory it holds between steps: weights, gradients, optimizer state, EMA
     first_step_s: float = 0.0
     img_s: list = field(default_factory=list)  # per round
     img_per_cpu_s: list = field(default_factory=list)
     rise_mb: list = field(default_factory=list)  # per round on a GPU: the most memory above what its round began with
+    error: Optional[str] = None  # "out of memory": not timed further
+
+
+def plan(cfg: DictConfig) -> tuple[torch.device, list[tuple[str, DictConfig, Precision]]]:
+    """The device, and our runs (ours and each variant: name, config, precision), checked: a mistake in
+    them is a UserError before anything is timed."""
+    batch = batch_size(cfg)
+    variants = [(f"ours+{spec}", variant_config(cfg, spec)) for spec in cfg.benchmark.variants]
+    device = resolve_device(cfg.trainer.device)
+    plans = [(name, run_cfg, _precision(name, run_cfg, device)) for name, run_cfg in [("ours", cfg), *variants]]
+    for name, run_cfg, _ in plans:
+        micro_batch(batch, run_cfg.trainer.grad_accumulation, name)
+    return device, plans
 
 
 def measure(cfg: DictConfig) -> dict:
     """The training-step part of benchmark.json (see the module's docstring)."""
     t, b = cfg.trainer, cfg.benchmark
     size, batch = b.image_size or cfg.model.train_size, batch_size(cfg)
-    variants = [(f"ours+{spec}", variant_config(cfg, spec)) for spec in b.variants]
-    threads = torch.get_num_threads()
-    cpu_threads = set_cpu_threads(t.cpu_threads)
-    device = resolve_device(t.device)
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = t.cudnn_benchmark and device.type == "cuda"
-    plans = [(name, run_cfg, _precision(name, run_cfg, device)) for name, run_cfg in [("ours", cfg), *variants]]
-    for name, run_cfg, _ in plans:
-        micro_batch(batch, run_cfg.trainer.grad_accumulation, name)
+    device, plans = plan(cfg)
+    builders = [(name, partial(_ours, name, run_cfg, device, precision, size, batch)) for name, run_cfg, precision in plans]
+    skipped = _torchvision_mismatch(cfg) if b.torchvision else "benchmark.torchvision=false"
+    if skipped is None:
+        builders[1:1] = [("torchvision", partial(_torchvision_plain, cfg, device, size, batch)),
+                         ("torchvision_our_settings", partial(_torchvision_ours, cfg, device, plans[0][2], size, batch))]
+    else:
+        log.info(f"torchvision not timed: {skipped}")
+    threads, cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
     runs: list[Run] = []
     try:
-        for name, run_cfg, precision in plans:
-            runs.append(_ours(name, run_cfg, device, precision, size, batch))
-        skipped = _torchvision_mismatch(cfg) if b.torchvision else "benchmark.torchvision=false"
-        if skipped is None:
-            runs.insert(1, _torchvision_plain(cfg, device, size, batch))
-            runs.insert(2, _torchvision_ours(cfg, device, plans[0][2], size, batch))
-        else:
-            log.info(f"torchvision not timed: {skipped}")
-        for run in runs:
-            _warm_up(run, b.warmup_steps, device)
+        cpu_threads = set_cpu_threads(t.cpu_threads)
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark and device.type == "cuda"
+        for name, build in builders:
+            runs.append(_prepared(name, build, b.warmup_steps, device))
         for r in range(b.rounds):
             for run in runs[r % len(runs):] + runs[: r % len(runs)]:
-                _time_round(run, b.steps, batch, device)
+                if run.error is None:
+                    _time_round(run, b.steps, batch, device)
         return _report(cfg, runs, device, cpu_threads, size, batch, skipped)
     finally:
         torch.set_num_threads(threads)
@@ -165,7 +174,7 @@ def _model_input(cfg: DictConfig, device: torch.device, size: int, batch: int) -
 
 
 def _ours(name: str, cfg: DictConfig, device: torch.device, precision: Precision, size: int, batch: int) -> Run:
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     before = _held_mb(device)
     model = build_model(cfg.model, NUM_CLASSES)
     model.set_grad_checkpointing(cfg.trainer.grad_checkpointing)
@@ -173,7 +182,7 @@ def _ours(name: str, cfg: DictConfig, device: torch.device, precision: Precision
 
 
 def _torchvision_ours(cfg: DictConfig, device: torch.device, precision: Precision, size: int, batch: int) -> Run:
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     before = _held_mb(device)
     run = _learner_run("torchvision_our_settings", _torchvision_model(cfg), cfg, device, precision, size, batch, before)
     run.settings["grad_checkpointing"] = False
@@ -189,7 +198,7 @@ def _learner_run(name: str, model, cfg: DictConfig, device, precision: Precision
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema else None
     forward = torch.compile(model) if t.compile else model
     optimizer = build_optimizer(model, plain(cfg.optimizer))
-    scheduler = build_scheduler(optimizer, 1000, max(1, t.epochs), plain(cfg.scheduler))
+    scheduler = build_scheduler(optimizer, 1000, max(1, t.epochs), plain(cfg.scheduler))  # its values cost nothing
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     inputs = Inputs(device, tuple(cfg.model.mean), tuple(cfg.model.std), t.channels_last)
     learner = Learner(forward, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, NUM_CLASSES),
@@ -214,7 +223,7 @@ def _learner_run(name: str, model, cfg: DictConfig, device, precision: Precision
 
 def _torchvision_plain(cfg: DictConfig, device: torch.device, size: int, batch: int) -> Run:
     """torchvision's network as most users train it: NCHW; fp32 on the CPU, fp16 with a scaler on a GPU."""
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     before = _held_mb(device)
     model = _torchvision_model(cfg).to(device).train()
     precision = Precision(torch.float16 if device.type == "cuda" else None, device.type)
@@ -261,6 +270,24 @@ def _torchvision_mismatch(cfg: DictConfig) -> Optional[str]:
     return None
 
 
+def _prepared(name: str, build: Callable[[], Run], warmup_steps: int, device: torch.device) -> Run:
+    """The run built and warmed up; a run the GPU has no memory for stays in the table as such."""
+    try:
+        run = build()
+        _warm_up(run, warmup_steps, device)
+        return run
+    except torch.OutOfMemoryError:
+        run = None
+    _free(device)
+    return Run(name, {}, None, None, error="out of memory")
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _warm_up(run: Run, steps: int, device: torch.device) -> None:
     for i in range(steps):
         start = time.perf_counter()
@@ -290,9 +317,15 @@ def _time_round(run: Run, steps: int, batch: int, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        run.step()
-    _synchronize(device)
+    try:
+        for _ in range(steps):
+            run.step()
+        _synchronize(device)
+    except torch.OutOfMemoryError:
+        run.error, run.step, run.forward = "out of memory", None, None
+    if run.error:
+        _free(device)
+        return
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     run.img_s.append(steps * batch / wall)
     if device.type == "cpu":
@@ -338,6 +371,9 @@ def _report(cfg: DictConfig, runs: list[Run], device: torch.device, cpu_threads:
     b = cfg.benchmark
     by_name = {}
     for run in runs:
+        if run.error and not run.img_s:
+            by_name[run.name] = dict(settings=run.settings, error=run.error)
+            continue
         entry = dict(settings=run.settings, img_s=round(statistics.median(run.img_s), 2),
                      img_s_min=round(min(run.img_s), 2), img_s_max=round(max(run.img_s), 2), img_s_rounds=[round(r, 2) for r in run.img_s])
         if run.img_per_cpu_s:
@@ -346,11 +382,13 @@ def _report(cfg: DictConfig, runs: list[Run], device: torch.device, cpu_threads:
         entry["held_mb"] = _mb(run.own_mb)
         entry["saved_for_backward_mb"] = _mb(run.saved_mb)
         entry["first_step_s"] = round(run.first_step_s, 3)
+        if run.error:
+            entry["error"] = f"{run.error} after {len(run.img_s)} rounds"
         by_name[run.name] = entry
     ratios = {}
     pairs = [("ours", "torchvision"), ("ours", "torchvision_our_settings")] + [(r.name, "ours") for r in runs if r.name.startswith("ours+")]
     for a, c in pairs:
-        if a in by_name and c in by_name:
+        if "img_s" in by_name.get(a, {}) and "img_s" in by_name.get(c, {}):
             ratios[f"{a}/{c}"] = _ratio(by_name[a], by_name[c])
     return dict(
         model=cfg.model.name, image_size=size, batch_size=batch, num_classes=NUM_CLASSES,
@@ -386,9 +424,10 @@ def _device_name(device: torch.device) -> str:
 
 def format_training(result: dict) -> str:
     """The printed table of the training-step part."""
-    where = f"{result['device_name']}, {result['cpu_threads']} threads" if result["cpu_threads"] else result["device_name"]
+    threads = result["cpu_threads"]
+    where = f"{result['device_name']}, {threads} thread{'s' if threads != 1 else ''}" if threads else result["device_name"]
     runs, ours = result["runs"], result["runs"]["ours"]
-    cpu_time = "img_per_cpu_s" in ours
+    cpu_time = any("img_per_cpu_s" in r for r in runs.values())
 
     def times(value, reference) -> str:
         return f"{value / reference:6.2f}" if value and reference else f"{'-':>6s}"
@@ -400,6 +439,9 @@ def format_training(result: dict) -> str:
         + f" {'x ours':>6s} {'peak MiB':>9s} {'x ours':>6s} {'saved MiB':>9s} {'x ours':>6s}",
     ]
     for name, r in runs.items():
+        if "img_s" not in r:
+            lines.append(f"  {name[:38]:38s} {r['error']}")
+            continue
         s = r["settings"]
         extras = [k for k in ("compile", "ema", "grad_checkpointing") if s[k]] + ([f"accumulation {s['grad_accumulation']}"] if s["grad_accumulation"] > 1 else [])
         label = f"{name} ({', '.join(extras)})" if extras and not name.startswith("ours+") else name
@@ -407,8 +449,8 @@ def format_training(result: dict) -> str:
         lines.append(
             f"  {label[:38]:38s} {s['memory_format']:13s} {s['precision']:4s} {r['img_s']:8.1f} {r['img_s_min']:6.1f}-{r['img_s_max']:<6.1f}"
             + (f" {r.get('img_per_cpu_s', 0):9.1f}" if cpu_time else "")
-            + f" {times(r['img_s'], ours['img_s'])} {_cell(peak)} {times(peak, ours['peak_memory_mb'])}"
-            + f" {_cell(saved)} {times(saved, ours['saved_for_backward_mb'])}"
+            + f" {times(r['img_s'], ours.get('img_s'))} {_cell(peak)} {times(peak, ours.get('peak_memory_mb'))}"
+            + f" {_cell(saved)} {times(saved, ours.get('saved_for_backward_mb'))}" + (f"  {r['error']}" if "error" in r else "")
         )
     if result["torchvision"] != "timed":
         lines.append(f"  (torchvision not timed: {result['torchvision']})")
