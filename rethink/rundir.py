@@ -157,6 +157,7 @@ def job_dir(num: int, model: str, overrides) -> str:
         key, _, value = str(override).partition("=")
         key = key.lstrip("+~")
         if _in_name(key, keys):
+            value = {"True": "true", "False": "false"}.get(value, value)  # as typed, not as Hydra echoes a bool
             parts.append(f"{key.removeprefix('model.')}={value}")
     name = _filesystem_safe("_".join(parts))
     if len(name) > MAX_NAME:

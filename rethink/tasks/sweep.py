@@ -53,6 +53,7 @@ class SweepCallback(Callback):
         swept, jobs = _sweep_of(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
         self.jobs_left = len(jobs)
+        self.compared = str(getattr(config.task, "value", config.task)) != "train"  # only training runs compare
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if self.jobs_left is None:  # a single run, or a job in a launcher's worker process
