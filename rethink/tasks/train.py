@@ -163,8 +163,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
                 val = val_ema = None
                 if not totals.interrupted:
                     try:
-                        val = distributed.sum_evaluation(world, evaluate(forward, val_loader, inputs, precision, len(classes), progress=show_progress, description="val", should_stop=stop_evaluating))
-                        val_ema = distributed.sum_evaluation(world, evaluate(ema.module, val_loader, inputs, precision, len(classes), progress=show_progress, description="val ema", should_stop=stop_evaluating)) if ema else None
+                        val = _validate(forward, val_loader, inputs, precision, len(classes), show_progress, "val", stop_evaluating, world)
+                        val_ema = _validate(ema.module if ema else None, val_loader, inputs, precision, len(classes), show_progress, "val ema", stop_evaluating, world)
                     except Interrupted:
                         totals.interrupted = True
                 if totals.interrupted:  # saved where it stopped, random state included: the resume finishes the epoch exactly
@@ -189,33 +189,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         writer.add_scalar("test/acc", test.acc, progress.epoch)
         writer.add_scalar("test/loss", test.loss, progress.epoch)
         writer.add_figure("test/confusion_matrix", confusion_figure(test.confusion, classes, f"test, epoch {best_epoch}"), progress.epoch)
-        peak_mb, peak_kind = peak_memory_mb(device)
-        last = progress.history[-1]
-        metrics = dict(
-            best_val_acc=progress.best_val_acc,
-            best_epoch=progress.best_epoch,
-            final_val_acc=last.get("val_ema_acc", last["val_acc"]),
-            final_train_loss=last["train_loss"],
-            test_acc=test.acc,
-            test_loss=test.loss,
-            test_images=test.images,
-            val_images=last.get("val_images"),
-            weights="ema" if ema is not None else "model",
-            epochs=progress.epoch,
-            params=params,
-            gmacs=round(gmacs, 4),
-            train_time_s=round(progress.train_time_s, 2),
-            train_img_s=round(progress.train_images / progress.train_time_s, 1) if progress.train_time_s else 0.0,
-            peak_memory_mb=round(peak_mb, 1),
-            peak_memory=peak_kind,
-            device=str(device),
-            precision=precision.name,
-            cpu_threads=cpu_threads,
-            world_size=world.world_size,
-            global_batch=cfg.data.batch_size * world.world_size,
-            model=cfg.model.name,
-            seed=cfg.seed,
-        )
+        metrics = _metrics(cfg, progress, test, ema is not None, params, gmacs, device, precision, cpu_threads, world)
         if world.is_main:
             write_json(run_dir / "metrics.json", metrics)
         log.info(f"test acc {test.acc:.4f} (best checkpoint, epoch {progress.best_epoch}); wrote {run_dir / 'metrics.json'}")
@@ -337,6 +311,44 @@ def _epoch_line(record: dict, progress: Progress, epochs: int) -> str:
         f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
         f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}{ema}  best {progress.best_val_acc:.4f} @{progress.best_epoch}  "
         f"lr {record['lr']:.3g}  {record['train_img_s']:.0f} img/s  {record['epoch_s']:.1f}s"
+    )
+
+
+def _validate(module, loader, inputs, precision, num_classes, show_progress, name, stop, world):
+    """`module` scored on the val split (over every DDP process), or None where there is no module."""
+    if module is None:
+        return None
+    return distributed.sum_evaluation(world, evaluate(module, loader, inputs, precision, num_classes, progress=show_progress, description=name, should_stop=stop))
+
+
+def _metrics(cfg, progress: Progress, test, ema: bool, params: int, gmacs: float, device, precision, cpu_threads: int, world) -> dict:
+    """metrics.json: what the run reached, what it cost, and where it ran."""
+    peak_mb, peak_kind = peak_memory_mb(device)
+    last = progress.history[-1]
+    return dict(
+        best_val_acc=progress.best_val_acc,
+        best_epoch=progress.best_epoch,
+        final_val_acc=last.get("val_ema_acc", last["val_acc"]),
+        final_train_loss=last["train_loss"],
+        test_acc=test.acc,
+        test_loss=test.loss,
+        test_images=test.images,
+        val_images=last.get("val_images"),
+        weights="ema" if ema else "model",
+        epochs=progress.epoch,
+        params=params,
+        gmacs=round(gmacs, 4),
+        train_time_s=round(progress.train_time_s, 2),
+        train_img_s=round(progress.train_images / progress.train_time_s, 1) if progress.train_time_s else 0.0,
+        peak_memory_mb=round(peak_mb, 1),
+        peak_memory=peak_kind,
+        device=str(device),
+        precision=precision.name,
+        cpu_threads=cpu_threads,
+        world_size=world.world_size,
+        global_batch=cfg.data.batch_size * world.world_size,
+        model=cfg.model.name,
+        seed=cfg.seed,
     )
 
 
