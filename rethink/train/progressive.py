@@ -142,8 +142,13 @@ def allow_recompiles(stages: int) -> None:
     """torch.compile compiles once more for each stage (a new input shape, a new dropout); keep dynamo's limit
     above that, so that a run with many stages does not fall back to running uncompiled."""
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), 2 * stages + 8))
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name first; which one reads depends on the torch build
+        try:
+            limit = getattr(config, name)
+        except AttributeError:
+            continue
+        setattr(config, name, max(limit, 2 * stages + 8))
+        return
 
 
 class ProgressiveLearning:
