@@ -62,6 +62,7 @@ class Learner:
     grad_clip: Optional[float] = None
     grad_accumulation: int = 1
     pending: int = field(default=0, init=False)  # micro-batches whose gradients wait for the optimizer step
+    scale: Optional[float] = field(default=None, init=False)  # the gradient scaler's scale after the last step
 
     @property
     def between_steps(self) -> bool:
@@ -107,10 +108,11 @@ class Learner:
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            scale = self.scaler.get_scale()
+            scale = self.scale if self.scale is not None else self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale  # the scaler lowers its scale exactly when it skipped the step
+            self.scale = self.scaler.get_scale()  # (reading it synchronises: once a step, kept for the next)
+            stepped = self.scale >= scale  # the scaler lowers its scale exactly when it skipped the step
         else:
             if self.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)

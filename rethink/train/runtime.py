@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..data.loaders import available_cpus
 from ..errors import UserError
 
 
@@ -100,10 +101,6 @@ def _env_threads() -> int | None:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
         return None
-
-
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 _PEAK_RSS_RESETTABLE = os.path.exists("/proc/self/clear_refs")
