@@ -88,7 +88,9 @@ class EvalSplit(Enum):  # the train split is augmented: scoring it would measure
 
 class Progressive(Enum):
     none = "none"  # train at model.train_size with fixed regularisation (as without the group)
-    v2 = "v2"  # EfficientNetV2's progressive learning: image size and regularisation grow per stage
+    v2 = "v2"  # EfficientNetV2's progressive learning: image size and regularisation grow per stage (V2-S's ends)
+    v2_m = "v2_m"  # the same with the official V2-M ends (RandAugment 15, mixup 0.2)
+    v2_l = "v2_l"  # the same with the official V2-L ends (RandAugment 20, mixup 0.5)
 
 
 @dataclass
@@ -135,6 +137,7 @@ class DataConfig:
     split: List[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # train/val/test
     split_seed: int = 0
     augment: Augment = Augment.flip_crop
+    randaug_magnitude: float = 3.0  # data.augment=randaugment: the papers' 0-20 scale (3: torchvision's default, bin 9 of 0-30)
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     crop_pct: float = 0.875  # eval: resize to eval_size / crop_pct, then centre-crop eval_size
@@ -272,14 +275,14 @@ class ProgressiveConfig:
     """Progressive learning (rethink/train/progressive.py): training split into `stages` equal parts; stage k
     of M (0-based) trains at min_size + (model.train_size - min_size) * (k + 1) / M px (a multiple of 8; the last
     stage at model.train_size) with each regulariser at start + (end - start) * k / (M - 1). [start, end] pairs;
-    null: the run's own value (model.dropout; data.mixup_alpha; RandAugment's 3, torchvision's default). The
+    null: the run's own value (model.dropout; data.randaug_magnitude; data.mixup_alpha). The
     defaults are the v2 preset (conf/progressive/v2.yaml says where each value comes from)."""
 
     name: Progressive = Progressive.none
     stages: int = 4
     min_size: int = 128
     dropout: List[Optional[float]] = field(default_factory=lambda: [0.1, None])
-    randaug_magnitude: List[Optional[float]] = field(default_factory=lambda: [5.0, 10.0])  # the papers' 0-10 scale
+    randaug_magnitude: List[Optional[float]] = field(default_factory=lambda: [5.0, 10.0])  # the papers' scale (0-20)
     mixup_alpha: List[Optional[float]] = field(default_factory=lambda: [0.0, None])
 
 
@@ -330,6 +333,7 @@ RANGES = {
     "model.dropout": _FRACTION,
     "data.batch_size": _AT_LEAST_1,
     "data.num_workers": (lambda v: v is None or v >= 0, "null (min(8, CPUs)) or 0 or more"),
+    "data.randaug_magnitude": (lambda v: 0 <= v <= 20, "in [0, 20] (the papers' scale; 10 is torchvision's strongest, 15 and 20 the official V2-M and V2-L ends)"),
     "data.mixup_alpha": _NOT_NEGATIVE,
     "data.cutmix_alpha": _NOT_NEGATIVE,
     "data.crop_pct": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -359,7 +363,7 @@ RANGES = {
     "progressive.stages": _AT_LEAST_1,
     "progressive.min_size": (lambda v: v >= 8, "at least 8 (pixels)"),
     "progressive.dropout": _pair(lambda v: 0 <= v < 1, "in [0, 1)"),
-    "progressive.randaug_magnitude": _pair(lambda v: 0 <= v <= 10, "in [0, 10] (the papers' scale; 10 is torchvision's strongest)"),
+    "progressive.randaug_magnitude": _pair(lambda v: 0 <= v <= 20, "in [0, 20] (the papers' scale; 10 is torchvision's strongest, 15 and 20 the official V2-M and V2-L ends)"),
     "progressive.mixup_alpha": _pair(lambda v: v >= 0, "0 or more"),
     "predict.topk": _AT_LEAST_1,
     "predict.batch_size": _AT_LEAST_1,

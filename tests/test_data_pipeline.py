@@ -20,6 +20,7 @@ from rethink.config import DataConfig, compose_config
 from rethink.data import batch_mixer, build_data, eval_transform, make_loader, normalize, set_epoch, train_transform
 from rethink.data.loaders import SeededSampler
 from rethink.data.synthetic import PATTERNS, generate_synthetic
+from rethink.data.transforms import RandAugment
 from rethink.errors import UserError
 
 MODEL = OmegaConf.create({"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
@@ -44,6 +45,43 @@ def test_train_transforms_give_uint8_at_train_size(augment):
     assert out.dtype == torch.uint8 and out.shape == (3, 24, 24)
     out = eval_transform(model, data_cfg(augment=augment, crop_pct=0.875))(image)
     assert out.dtype == torch.uint8 and out.shape == (3, 28, 28)
+
+
+@pytest.mark.parametrize("level", [0, 3, 16 / 3, 10])
+def test_randaugment_up_to_level_10_is_torchvisions_bit_for_bit(level):
+    image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    ours = RandAugment(level)
+    for seed in range(40):  # every op comes up within 40 draws of two
+        torch.manual_seed(seed)
+        expected = v2.RandAugment(magnitude=round(level * 3))(image)
+        torch.manual_seed(seed)
+        assert torch.equal(ours(image), expected)
+    # the default (data.randaug_magnitude=3) is torchvision's default, magnitude bin 9 of 0-30
+    assert train_transform(MODEL, data_cfg(augment="randaugment")).transforms[-1].magnitude == 9
+
+
+def test_randaugment_beyond_level_10_widens_every_range_in_proportion_with_clamps():
+    def magnitudes(level, size=100):
+        r = RandAugment(level)
+        space = {name: fn(r.num_magnitude_bins, size, size) for name, (fn, _) in r._AUGMENTATION_SPACE.items()}
+        return {name: float(m[r.magnitude]) for name, m in space.items() if m is not None}
+
+    at10, at15, at20 = magnitudes(10), magnitudes(15), magnitudes(20)
+    for op in ("ShearX", "Rotate", "TranslateY", "Brightness", "Sharpness"):
+        assert at15[op] == pytest.approx(1.5 * at10[op]) and at20[op] == pytest.approx(2 * at10[op])
+    assert (at10["Rotate"], at20["Rotate"], at20["ShearY"]) == pytest.approx((30, 60, 0.6))
+    assert (at10["Posterize"], at15["Posterize"], at20["Posterize"]) == (4, 2, 1)  # bits kept, at least one
+    assert at10["Solarize"] == at20["Solarize"] == 0  # threshold 0 already at 10
+    # every op applies at level 20 on uint8 images, the darkening side of the colour ops clamped at factor 0.1
+    ours, image = RandAugment(20), torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    for op, (fn, signed) in ours._AUGMENTATION_SPACE.items():
+        for sign in (1, -1) if signed else (1,):
+            out = ours._apply_image_or_video_transform(image, op, sign * at20.get(op, 0.0), "nearest", {torch.Tensor: None})
+            assert out.dtype == torch.uint8 and out.shape == image.shape
+    darkest = ours._apply_image_or_video_transform(image, "Brightness", -1.8, "nearest", {torch.Tensor: None})
+    assert torch.equal(darkest, v2.functional.adjust_brightness(image, 0.1))
+    with pytest.raises(UserError, match=r"RandAugment magnitude 21.*\[0, 20\]"):
+        RandAugment(21)
 
 
 def test_eval_transform_resizes_by_crop_pct_then_centre_crops():

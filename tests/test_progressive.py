@@ -102,6 +102,24 @@ def test_v2_preset_is_the_official_v2_s_schedule():
     assert cfg.model.eval_size == 384
 
 
+@pytest.mark.parametrize("model, preset, ends", [
+    ("v2_m", "v2_m", (384, 0.3, 15, 0.2)),
+    ("v2_l", "v2_l", (384, 0.4, 20, 0.5)),
+])
+def test_v2_m_and_v2_l_presets_end_where_the_official_code_does(model, preset, ends):
+    cfg = compose_config([f"model={model}", f"progressive={preset}", "data.augment=randaugment", "trainer.epochs=32"])
+    validate(cfg)
+    first, last = (stage_settings(e, 32, cfg.progressive, cfg.model, cfg.data) for e in (1, 32))
+    assert (first.image_size, first.dropout, first.randaug_magnitude, first.mixup_alpha) == (192, 0.1, 5, 0)  # 128 + 256/4 = 192
+    assert (last.image_size, last.dropout, last.randaug_magnitude, last.mixup_alpha) == pytest.approx(ends)
+    assert progressive.enabled(cfg.progressive)
+
+
+def test_a_null_randaugment_end_is_the_runs_own_magnitude():
+    cfg = tiny(*STAGES, "progressive.randaug_magnitude=[null,null]", "data.randaug_magnitude=12")
+    assert {stage_settings(e, 4, cfg.progressive, cfg.model, cfg.data).randaug_magnitude for e in (1, 4)} == {12}
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["progressive.min_size=96"], ["progressive.min_size=96", "model.train_size=64"]),
     (["trainer.epochs=3"], ["progressive.stages=4", "trainer.epochs"]),
@@ -113,7 +131,8 @@ def test_impossible_schedules_are_refused_with_one_line(overrides, words):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("progressive.randaug_magnitude=[5,15]", "progressive.randaug_magnitude"),
+    ("progressive.randaug_magnitude=[5,25]", "progressive.randaug_magnitude"),
+    ("data.randaug_magnitude=21", "data.randaug_magnitude"),
     ("progressive.dropout=[0.1]", "progressive.dropout"),
     ("progressive.stages=0", "progressive.stages"),
 ])

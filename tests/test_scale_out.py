@@ -103,9 +103,12 @@ def test_ddp_under_torchrun_trains_one_run_as_one_process_with_the_global_batch_
 
 @pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_process_at_one_step_and_the_resume_completes(tmp_path):
+    """With progressive learning too: every rank rebuilds its loader (workers) at the stage change, and the
+    resume, wherever the signal fell, trains each epoch at its stage's size."""
     from test_train import wait_for_checkpoint_writes
 
-    args = [*DDP, "trainer.epochs=4", "data.num_workers=1", f"hydra.run.dir={tmp_path}"]
+    progressive = ["progressive=v2", "progressive.stages=2", "progressive.min_size=16"]  # 24 px, then 32
+    args = [*DDP, *progressive, "trainer.epochs=4", "data.num_workers=1", f"hydra.run.dir={tmp_path}"]
     process = subprocess.Popen([*TORCHRUN, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     wait_for_checkpoint_writes(tmp_path / "checkpoints" / "last.pt", process, writes=1)
@@ -116,7 +119,10 @@ def test_sigterm_under_torchrun_stops_every_process_at_one_step_and_the_resume_c
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["scheduler"]["last_epoch"] == 4 * ckpt["steps_per_epoch"]
-    assert [step for step, _ in scalars(tmp_path)["val/acc"]] == [1, 2, 3, 4]
+    logged = scalars(tmp_path)
+    assert [step for step, _ in logged["val/acc"]] == [1, 2, 3, 4]
+    assert logged["train/image_size"] == [(1, 24), (2, 24), (3, 32), (4, 32)]
+    assert "progressive learning: stage 2/2 (epochs 3-4): 32 px" in (tmp_path / "run.log").read_text()
 
 
 def test_a_sweep_under_torchrun_is_refused_with_one_line(tmp_path):

@@ -464,6 +464,7 @@ def _hparams(cfg: DictConfig, layout: str, model, params: int, gmacs: float, wor
         "drop_path_rate": m.drop_path_rate, "drop_path_schedule": m.drop_path_schedule.value,
         "pretrained": str(m.pretrained), "freeze": m.freeze.value,
         "data": d.name.value, "split_seed": d.split_seed, "batch_size": d.batch_size, "augment": d.augment.value,
+        "randaug_magnitude": d.randaug_magnitude if d.augment.value == "randaugment" else 0.0,
         "world_size": world.world_size, "global_batch": d.batch_size * world.world_size,
         "mixup_alpha": d.mixup_alpha, "cutmix_alpha": d.cutmix_alpha, "crop_pct": d.crop_pct,
         "optimizer": o.name.value, "lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay,

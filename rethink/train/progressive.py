@@ -50,7 +50,6 @@ log = logging.getLogger("rethink")
 
 # What a stage sets, logged per epoch as train/<name>
 SCALARS = ("image_size", "dropout", "randaug_magnitude", "mixup_alpha")
-DEFAULT_RANDAUG_MAGNITUDE = 3.0  # torchvision's RandAugment default (magnitude 9 of 0-30) on the papers' 0-10 scale
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class StageSettings:
     stage: int  # 0-based
     image_size: int
     dropout: float
-    randaug_magnitude: Optional[float]  # the papers' 0-10 scale, in torchvision's steps of 1/3; None unless data.augment=randaugment
+    randaug_magnitude: Optional[float]  # the papers' scale, in torchvision's steps of 1/3; None unless data.augment=randaugment
     mixup_alpha: float
 
 
@@ -97,8 +96,8 @@ def stage_settings(epoch: int, epochs: int, cfg, model_cfg, data_cfg) -> StageSe
 
     magnitude = None
     if value(data_cfg.augment) == "randaugment":
-        level = scheduled(cfg.randaug_magnitude, DEFAULT_RANDAUG_MAGNITUDE)
-        magnitude = round(level * RANDAUG_BINS_PER_LEVEL) / RANDAUG_BINS_PER_LEVEL  # what torchvision can apply
+        level = scheduled(cfg.randaug_magnitude, float(data_cfg.randaug_magnitude))
+        magnitude = round(level * RANDAUG_BINS_PER_LEVEL) / RANDAUG_BINS_PER_LEVEL  # what RandAugment can apply
     return StageSettings(
         stage=k,
         image_size=stage_size(k, stages, cfg.min_size, model_cfg.train_size),
