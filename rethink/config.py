@@ -142,6 +142,7 @@ class DataConfig:
     cutmix_alpha: float = 0.0
     crop_pct: float = 0.875  # eval: resize to eval_size / crop_pct, then centre-crop eval_size
     cache: bool = True
+    on_gpu: Any = "auto"  # training images resident on the GPU, cropped and flipped there (auto | true | false)
     cache_dir: Optional[str] = None  # null: $RETHINK_CACHE, else ~/.cache/rethink/images
     # data=synthetic only
     num_classes: int = 4
@@ -181,8 +182,10 @@ class TrainerConfig:
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over every process's batch
     amp: Amp = Amp.auto
     channels_last: bool = True
-    compile: bool = False
-    cudnn_benchmark: bool = True
+    # GPU fast paths, each auto | true | false (README, Performance; rethink/train/fast_paths.py says what auto does)
+    compile: Any = "auto"
+    cuda_graphs: Any = "auto"
+    cudnn_benchmark: Any = "auto"
     deterministic: bool = False
     grad_clip: Optional[float] = None  # max global gradient norm
     # Memory savers (README, Performance): N loader batches (data.batch_size each) per optimizer step; and
@@ -318,6 +321,7 @@ _AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 _NULL_OR_AT_LEAST_1 = (lambda v: v is None or v >= 1, "null or at least 1")
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 _POSITIVE = (lambda v: v > 0, "positive")
+_SWITCH = (lambda v: isinstance(v, bool) or v == "auto", "auto, true or false")
 _NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
 
 
@@ -351,6 +355,10 @@ RANGES = {
     "scheduler.decay_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "scheduler.decay_epochs": _POSITIVE,
     "trainer.epochs": _AT_LEAST_1,
+    "trainer.compile": _SWITCH,
+    "trainer.cuda_graphs": _SWITCH,
+    "trainer.cudnn_benchmark": _SWITCH,
+    "data.on_gpu": _SWITCH,
     "trainer.cpu_threads": _NULL_OR_AT_LEAST_1,
     "trainer.jobs_per_gpu": _AT_LEAST_1,
     "trainer.grad_clip": (lambda v: v is None or v > 0, "null (off) or positive"),

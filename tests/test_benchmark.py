@@ -18,7 +18,7 @@ TINY = [
 ]
 RUN_FIELDS = {"settings", "img_s", "img_s_min", "img_s_max", "img_s_rounds", "img_per_cpu_s", "peak_memory_mb", "held_mb",
               "saved_for_backward_mb", "first_step_s"}
-SETTINGS = {"model", "loop", "memory_format", "precision", "compile", "ema", "grad_accumulation", "grad_checkpointing"}
+SETTINGS = {"model", "loop", "memory_format", "precision", "compile", "cuda_graphs", "ema", "grad_accumulation", "grad_checkpointing"}
 
 
 def test_benchmark_times_ours_torchvision_and_variants_and_writes_them(tmp_path, capsys):
@@ -35,7 +35,7 @@ def test_benchmark_times_ours_torchvision_and_variants_and_writes_them(tmp_path,
         assert set(run) == RUN_FIELDS and set(run["settings"]) == SETTINGS
         assert run["img_s"] > 0 and len(run["img_s_rounds"]) == 2 and run["img_s_min"] <= run["img_s"] <= run["img_s_max"]
         assert run["peak_memory_mb"] is None  # no peak on the CPU
-    assert runs["ours"]["settings"] == dict(model="rethink", loop="Learner", memory_format="channels_last", precision="fp32", compile=False,
+    assert runs["ours"]["settings"] == dict(model="rethink", loop="Learner", memory_format="channels_last", precision="fp32", compile=False, cuda_graphs=False,
                                             ema=False, grad_accumulation=1, grad_checkpointing=False)
     assert runs["torchvision"]["settings"]["loop"] == "plain" and runs["torchvision"]["settings"]["memory_format"] == "NCHW"
     assert runs["torchvision_our_settings"]["settings"]["memory_format"] == "channels_last"

@@ -148,7 +148,7 @@ def test_compile_may_recompile_once_per_stage():
     saved = config.cache_size_limit
     config.cache_size_limit = 8
     try:
-        ProgressiveLearning(tiny(*STAGES, "progressive.stages=20", "trainer.epochs=40", "trainer.compile=true"), 4)
+        ProgressiveLearning(tiny(*STAGES, "progressive.stages=20", "trainer.epochs=40", "trainer.compile=true"), 4, compiled=True)
         assert config.cache_size_limit >= 2 * 20 + 2  # one entry per stage and mode, and some to spare
     finally:
         config.cache_size_limit = saved

@@ -50,6 +50,8 @@ from ..data import batch_mixer, normalize
 from ..errors import UserError
 from ..models import build_model
 from ..models.profile import count_params
+from ..train.cuda_graphs import GraphedForward
+from ..train.fast_paths import cuda_graphs_choice
 from ..train.loop import Inputs, Learner
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.runtime import Precision, resolve_device, resolve_precision, seed_everything, set_cpu_threads
@@ -59,7 +61,7 @@ log = logging.getLogger("rethink")
 NUM_CLASSES = 1000  # torchvision's default head
 TORCHVISION_MODELS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "v2_s", "v2_m", "v2_l")
 # what a variant may change: how the step computes, not what it learns
-VARIANT_KEYS = ("channels_last", "amp", "compile", "ema", "grad_accumulation", "grad_checkpointing")
+VARIANT_KEYS = ("channels_last", "amp", "compile", "cuda_graphs", "ema", "grad_accumulation", "grad_checkpointing")
 
 
 @dataclass
@@ -105,7 +107,7 @@ def measure(cfg: DictConfig) -> dict:
     runs: list[Run] = []
     try:
         cpu_threads = set_cpu_threads(t.cpu_threads)
-        torch.backends.cudnn.benchmark = t.cudnn_benchmark and device.type == "cuda"
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark is not False and device.type == "cuda"  # auto: a benchmark is all steady steps
         for name, build in builders:
             runs.append(_prepared(name, build, b.warmup_steps, device))
         for r in range(b.rounds):
@@ -196,27 +198,30 @@ def _learner_run(name: str, model, cfg: DictConfig, device, precision: Precision
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema else None
-    forward = torch.compile(model) if t.compile else model
+    micro = micro_batch(batch, t.grad_accumulation, name)
+    compiled = t.compile is True  # auto: off, as for a run too short to repay compiling; see benchmark.variants
+    graphs = cuda_graphs_choice(t.cuda_graphs, device.type, micro, 1, t.grad_accumulation, bool(t.grad_checkpointing), compiled).on
+    module = torch.compile(model, mode="reduce-overhead" if graphs else None) if compiled else model
+    trained = GraphedForward(module, precision.autocast) if graphs and not compiled else module
     optimizer = build_optimizer(model, plain(cfg.optimizer))
     scheduler = build_scheduler(optimizer, 1000, max(1, t.epochs), plain(cfg.scheduler))  # its values cost nothing
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     inputs = Inputs(device, tuple(cfg.model.mean), tuple(cfg.model.std), t.channels_last)
-    learner = Learner(forward, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, NUM_CLASSES),
+    learner = Learner(trained, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, NUM_CLASSES),
                       t.label_smoothing, t.grad_clip, grad_accumulation=t.grad_accumulation)
     images, labels = _model_input(cfg, device, size, batch)
-    micro = micro_batch(batch, t.grad_accumulation, name)
     parts = list(zip(images.split(micro), labels.split(micro)))
 
     def step() -> None:
         for x, y in parts:
             learner.step(x, y)
 
-    def forward() -> torch.Tensor:
+    def forward() -> torch.Tensor:  # (not replayed from a CUDA graph: what an eager pass keeps for the backward)
         with precision.autocast():
-            return learner.model(inputs(parts[0][0]))
+            return module(inputs(parts[0][0]))
 
     settings = dict(model="rethink", loop="Learner", memory_format="channels_last" if t.channels_last else "NCHW",
-                    precision=precision.name, compile=bool(t.compile), ema=bool(t.ema), grad_accumulation=t.grad_accumulation,
+                    precision=precision.name, compile=compiled, cuda_graphs=graphs, ema=bool(t.ema), grad_accumulation=t.grad_accumulation,
                     grad_checkpointing=bool(t.grad_checkpointing))
     return Run(name, settings, step, forward, own_mb=-before)
 
@@ -249,8 +254,8 @@ def _torchvision_plain(cfg: DictConfig, device: torch.device, size: int, batch: 
         with precision.autocast():
             return model(x)
 
-    settings = dict(model="torchvision", loop="plain", memory_format="NCHW", precision=precision.name, compile=False, ema=False,
-                    grad_accumulation=1, grad_checkpointing=False)
+    settings = dict(model="torchvision", loop="plain", memory_format="NCHW", precision=precision.name, compile=False, cuda_graphs=False,
+                    ema=False, grad_accumulation=1, grad_checkpointing=False)
     return Run("torchvision", settings, step, forward, own_mb=-before)
 
 
@@ -443,7 +448,7 @@ def format_training(result: dict) -> str:
             lines.append(f"  {name[:38]:38s} {r['error']}")
             continue
         s = r["settings"]
-        extras = [k for k in ("compile", "ema", "grad_checkpointing") if s[k]] + ([f"accumulation {s['grad_accumulation']}"] if s["grad_accumulation"] > 1 else [])
+        extras = [k for k in ("compile", "cuda_graphs", "ema", "grad_checkpointing") if s.get(k)] + ([f"accumulation {s['grad_accumulation']}"] if s["grad_accumulation"] > 1 else [])
         label = f"{name} ({', '.join(extras)})" if extras and not name.startswith("ours+") else name
         peak, saved = r["peak_memory_mb"], r["saved_for_backward_mb"]
         lines.append(

@@ -26,8 +26,9 @@ from ..models import build_model
 from ..models.pretrained import load_pretrained
 from ..models.profile import count_gmacs, count_params
 from ..rundir import torchrun_rank
-from ..train import distributed
+from ..train import distributed, fast_paths
 from ..train import progressive as progressive_learning
+from ..train.cuda_graphs import GraphedForward
 from ..train.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from ..train.loop import EpochTotals, Inputs, Interrupted, Learner, NonFiniteLoss, evaluate, train_epoch
 from ..train.metrics import confusion_figure
@@ -92,8 +93,6 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     seed_everything(cfg.seed, t.deterministic)
     device = distributed.start(world, t.device) or resolve_device(t.device, job, t.jobs_per_gpu)
     precision = resolve_precision(t.amp.value, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
     reset_memory_stats(device)
 
     with distributed.main_first(world):  # rank 0 downloads and scans; the others then find its caches
@@ -105,8 +104,6 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema else None
-    forward = torch.compile(model) if t.compile else model  # what evaluates
-    trained = distributed.wrap(forward, world, device)  # what trains: under DDP, wrapped after compiling
 
     pin = device.type == "cuda"
     train_loader = make_loader(data.train, cfg.data, train=True, seed=cfg.seed, pin_memory=pin, shard=world.shard)
@@ -117,6 +114,9 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             f"resume={run_dir}: an epoch now has {steps} steps, the run had {resumed['steps_per_epoch']}; "
             "the data or data.batch_size changed, and the run cannot go on as it was"
         )
+    fast = fast_paths.choose(cfg, device.type, world.world_size, steps)
+    torch.backends.cudnn.benchmark = fast.cudnn_benchmark.on
+    forward, trained = _forward_modules(model, fast, precision, world, device)
     optimizer = build_optimizer(model, plain(cfg.optimizer))
     scheduler = build_scheduler(optimizer, steps // t.grad_accumulation, t.epochs, plain(cfg.scheduler))  # per optimizer step
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
@@ -125,7 +125,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     inputs = Inputs(device, tuple(cfg.model.mean), tuple(cfg.model.std), t.channels_last)
     learner = Learner(trained, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, len(classes)), t.label_smoothing, t.grad_clip,
                       grad_accumulation=t.grad_accumulation)
-    stages = progressive_learning.ProgressiveLearning(cfg, len(classes), pin_memory=pin, shard=world.shard)  # none: changes nothing
+    stages = progressive_learning.ProgressiveLearning(cfg, len(classes), pin_memory=pin, shard=world.shard, compiled=fast.compile.on)  # none: changes nothing
 
     params, gmacs = count_params(model), count_gmacs(model, cfg.model.eval_size)
     show_progress = t.progress if t.progress is not None else sys.stdout.isatty()
@@ -145,6 +145,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             f"{cfg.data.name.value} ({len(data.train)}/{len(data.val)}/{len(data.test)} images, {len(classes)} classes), "
             f"{_device_line(device, precision, cpu_threads)}, epochs {progress.epoch + 1}-{t.epochs}, run dir {run_dir}"
         )
+        if device.type == "cuda":
+            log.info(f"fast paths: {fast.line()}")
 
         with StopSignals() as stop:
             # under DDP the processes agree on stopping at each step; evaluation, whose shards differ in
@@ -189,7 +191,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         writer.add_scalar("test/acc", test.acc, progress.epoch)
         writer.add_scalar("test/loss", test.loss, progress.epoch)
         writer.add_figure("test/confusion_matrix", confusion_figure(test.confusion, classes, f"test, epoch {best_epoch}"), progress.epoch)
-        metrics = _metrics(cfg, progress, test, ema is not None, params, gmacs, device, precision, cpu_threads, world)
+        metrics = _metrics(cfg, progress, test, ema is not None, params, gmacs, device, precision, cpu_threads, world, fast)
         if world.is_main:
             write_json(run_dir / "metrics.json", metrics)
         log.info(f"test acc {test.acc:.4f} (best checkpoint, epoch {progress.best_epoch}); wrote {run_dir / 'metrics.json'}")
@@ -200,12 +202,24 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         writer.close()
         # a failed job's traceback keeps this frame alive in a sweep: let go of the big objects now
         del train_loader, val_loader, learner, forward, ema, optimizer, model
-        if t.compile:
+        if fast.compile.on:
             torch._dynamo.reset()  # or the next job of a sweep may hit the recompile limit and run uncompiled
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         distributed.stop(world)
+
+
+def _forward_modules(model, fast: fast_paths.FastPaths, precision, world, device):
+    """What evaluates (the model, or torch.compile's) and what trains: that, under DDP wrapped after
+    compiling (as PyTorch asks), or with CUDA graphs replaying its training passes."""
+    forward = model
+    if fast.compile.on:
+        forward = torch.compile(model, mode="reduce-overhead" if fast.cuda_graphs.on else None)  # compile's own CUDA graphs
+    trained = distributed.wrap(forward, world, device)
+    if fast.cuda_graphs.on and not fast.compile.on:
+        trained = GraphedForward(trained, precision.autocast)
+    return forward, trained
 
 
 def _finished_metrics(run_dir: Path, epochs: int) -> Optional[dict]:
@@ -321,7 +335,7 @@ def _validate(module, loader, inputs, precision, num_classes, show_progress, nam
     return distributed.sum_evaluation(world, evaluate(module, loader, inputs, precision, num_classes, progress=show_progress, description=name, should_stop=stop))
 
 
-def _metrics(cfg, progress: Progress, test, ema: bool, params: int, gmacs: float, device, precision, cpu_threads: int, world) -> dict:
+def _metrics(cfg, progress: Progress, test, ema: bool, params: int, gmacs: float, device, precision, cpu_threads: int, world, fast) -> dict:
     """metrics.json: what the run reached, what it cost, and where it ran."""
     peak_mb, peak_kind = peak_memory_mb(device)
     last = progress.history[-1]
@@ -345,6 +359,7 @@ def _metrics(cfg, progress: Progress, test, ema: bool, params: int, gmacs: float
         device=str(device),
         precision=precision.name,
         cpu_threads=cpu_threads,
+        **fast.record(),
         world_size=world.world_size,
         global_batch=cfg.data.batch_size * world.world_size,
         model=cfg.model.name,

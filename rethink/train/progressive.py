@@ -22,12 +22,12 @@ first); the classifier's dropout and the mixup alpha change. The sampler's order
 depend on (seed, epoch) alone (`set_epoch` after `apply`). The decoded-image cache stores every image for the
 final size (data.transforms.stored_size uses model.train_size), so each stage crops from the same pixels.
 
-Seams for the features this project does not have yet:
+With the other features:
 - torch.compile recompiles by itself on a new input shape and dropout probability: one recompile per stage,
   not per batch. `ProgressiveLearning` raises dynamo's recompile limit so that many stages cannot exhaust it
   (at the limit dynamo falls back to running the model uncompiled).
-- CUDA graphs: a captured step holds its input shape, dropout and mixer; recapture it when `apply` starts a
-  stage (`schedule.current` changed), never within one.
+- CUDA graphs (train/cuda_graphs.py): a capture holds its input shape and the dropout probabilities, so a
+  new stage captures once more by itself (the mixer runs outside the graph); never within a stage.
 - DDP: every rank computes the same settings (a pure function of the epoch), rebuilds its own loader (its
   DistributedSampler gets `set_epoch` as now) and sets the dropout on the wrapped module (`ddp.module`).
 """
@@ -153,13 +153,14 @@ def allow_recompiles(stages: int) -> None:
 class ProgressiveLearning:
     """Puts each epoch's StageSettings into effect between epochs; with progressive=none it does nothing."""
 
-    def __init__(self, cfg: DictConfig, num_classes: int, *, pin_memory: bool = False, shard: tuple[int, int] = (0, 1)):
+    def __init__(self, cfg: DictConfig, num_classes: int, *, pin_memory: bool = False, shard: tuple[int, int] = (0, 1),
+                 compiled: bool = False):
         self.cfg, self.num_classes, self.pin_memory, self.shard = cfg, num_classes, pin_memory, shard
         self.enabled = enabled(cfg.progressive)
         self.current: Optional[StageSettings] = None
         if self.enabled:
             check(cfg)
-            if cfg.trainer.compile:
+            if compiled:
                 allow_recompiles(cfg.progressive.stages)
 
     def apply(self, epoch: int, loader: DataLoader, model, learner) -> DataLoader:

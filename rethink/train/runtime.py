@@ -51,10 +51,10 @@ class Precision:
     def needs_scaler(self) -> bool:
         return self.dtype == torch.float16
 
-    def autocast(self):
+    def autocast(self, cache_enabled: bool = True):
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype, cache_enabled=cache_enabled)
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:

@@ -1,0 +1,131 @@
+"""Which GPU fast paths a run takes. Each is a key set to auto | true | false; `auto` decides from the run:
+
+    trainer.compile          torch.compile. auto: on for CUDA runs that train on at least COMPILE_PAYS_AFTER_IMAGES
+                             images (epochs x images per epoch), where the faster steps repay the compile time.
+    trainer.cuda_graphs      the training forward and backward replayed as CUDA graphs (train/cuda_graphs.py).
+                             auto: on for CUDA runs whose per-process batch is at most GRAPHS_BATCH_MAX (where a
+                             GPU mostly waits for kernel launches), in one process, without gradient accumulation
+                             or checkpointing and without torch.compile (true with compile: compile's own
+                             CUDA graphs, mode="reduce-overhead").
+    trainer.cudnn_benchmark  cuDNN's search for the fastest convolution algorithms, per input shape. auto: on
+                             for CUDA runs of at least CUDNN_PAYS_AFTER_STEPS training steps (its search took
+                             17.7 s for B0 on an H200, issue 12; it can only repay that over many steps); never
+                             with trainer.deterministic.
+    data.on_gpu              the decoded training images resident on the GPU, cropped and flipped there in
+                             batches (data/device_augment.py). auto: on for CUDA runs with data.augment=flip_crop
+                             or none whose images take at most ON_GPU_MEMORY_SHARE of the GPU's free memory.
+
+`choose(...)` gives every decision with its reason (one log line, and metrics.json). The rules are pure
+functions of plain values so that the CPU tests cover every branch.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..errors import UserError
+
+COMPILE_PAYS_AFTER_IMAGES = 2_000_000  # B0 224 px batch 256 on an H200 (issue 11): 63 s to compile, 5,118 -> 6,928 img/s
+GRAPHS_BATCH_MAX = 64  # B0 on an H200 (issue 12): 570 img/s at batch 16, 5,118 at 256: small batches wait on launches
+CUDNN_PAYS_AFTER_STEPS = 10_000  # 17.7 s of search, repaid at ~2 ms per step (10% of a launch-bound 20 ms step)
+ON_GPU_MEMORY_SHARE = 0.5  # of the free GPU memory; the rest is the training step's
+SWITCH = (True, False, "auto")
+
+
+@dataclass(frozen=True)
+class Choice:
+    on: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    compile: Choice
+    cuda_graphs: Choice
+    cudnn_benchmark: Choice
+
+    def line(self) -> str:
+        return "; ".join(f"{name} {'on' if c.on else 'off'} ({c.why})" for name, c in self.items())
+
+    def items(self):
+        return (("compile", self.compile), ("CUDA graphs", self.cuda_graphs), ("cuDNN benchmark", self.cudnn_benchmark))
+
+    def record(self) -> dict:
+        return {"compile": self.compile.on, "cuda_graphs": self.cuda_graphs.on, "cudnn_benchmark": self.cudnn_benchmark.on}
+
+
+def choose(cfg, device_type: str, world_size: int, steps_per_epoch: int) -> FastPaths:
+    """The run's compile, CUDA-graph and cuDNN-benchmark decisions (data.on_gpu is decided with the data:
+    `data_on_gpu`)."""
+    t = cfg.trainer
+    batch = cfg.data.batch_size
+    steps = t.epochs * steps_per_epoch
+    compiled = compile_choice(t.compile, device_type, steps * batch * world_size)
+    graphs = cuda_graphs_choice(t.cuda_graphs, device_type, batch, world_size, t.grad_accumulation, bool(t.grad_checkpointing), compiled.on)
+    benchmark = cudnn_benchmark_choice(t.cudnn_benchmark, device_type, bool(t.deterministic), steps)
+    return FastPaths(compiled, graphs, benchmark)
+
+
+def compile_choice(setting: Any, device_type: str, planned_images: int) -> Choice:
+    if setting != "auto":
+        return Choice(bool(setting), f"trainer.compile={str(setting).lower()}")
+    if device_type != "cuda":
+        return Choice(False, "auto: not on a GPU")
+    if planned_images < COMPILE_PAYS_AFTER_IMAGES:
+        return Choice(False, f"auto: {planned_images:,} training images, fewer than the {COMPILE_PAYS_AFTER_IMAGES:,} that repay compiling")
+    return Choice(True, f"auto: {planned_images:,} training images repay compiling")
+
+
+def cuda_graphs_choice(setting: Any, device_type: str, batch: int, world_size: int, grad_accumulation: int,
+                       grad_checkpointing: bool, compiled: bool) -> Choice:
+    conflicts = [why for why, present in (
+        ("a CUDA device", device_type != "cuda"),
+        ("one process (not DDP)", world_size > 1),
+        ("trainer.grad_accumulation=1", grad_accumulation > 1),
+        ("trainer.grad_checkpointing=false", grad_checkpointing),
+    ) if present]
+    if setting is True:
+        if conflicts:
+            raise UserError(f"trainer.cuda_graphs=true needs {' and '.join(conflicts)}; use trainer.cuda_graphs=auto or false")
+        return Choice(True, "trainer.cuda_graphs=true" + (", as torch.compile's mode=reduce-overhead" if compiled else ""))
+    if setting is False:
+        return Choice(False, "trainer.cuda_graphs=false")
+    if conflicts:
+        return Choice(False, f"auto: needs {conflicts[0]}")
+    if compiled:
+        return Choice(False, "auto: torch.compile is on")
+    if batch > GRAPHS_BATCH_MAX:
+        return Choice(False, f"auto: batch {batch} is above {GRAPHS_BATCH_MAX}, where kernel launches no longer bound the step")
+    return Choice(True, f"auto: batch {batch} is at most {GRAPHS_BATCH_MAX}")
+
+
+def cudnn_benchmark_choice(setting: Any, device_type: str, deterministic: bool, planned_steps: int) -> Choice:
+    if device_type != "cuda":
+        return Choice(False, "not on a GPU")
+    if deterministic:
+        return Choice(False, "trainer.deterministic=true")
+    if setting != "auto":
+        return Choice(bool(setting), f"trainer.cudnn_benchmark={str(setting).lower()}")
+    if planned_steps < CUDNN_PAYS_AFTER_STEPS:
+        return Choice(False, f"auto: {planned_steps:,} steps, fewer than the {CUDNN_PAYS_AFTER_STEPS:,} that repay its search")
+    return Choice(True, f"auto: {planned_steps:,} steps repay its search")
+
+
+def data_on_gpu_choice(setting: Any, device_type: str, augment: str, store_bytes: int, free_bytes: Optional[int]) -> Choice:
+    """Whether the decoded training images live on the GPU. `store_bytes`: what they need there; `free_bytes`:
+    the GPU's free memory (None off a GPU)."""
+    conflicts = [why for why, present in (
+        ("a CUDA device", device_type != "cuda"),
+        (f"data.augment=flip_crop or none (not {augment})", augment not in ("flip_crop", "none")),
+    ) if present]
+    if setting is True:
+        if conflicts:
+            raise UserError(f"data.on_gpu=true needs {' and '.join(conflicts)}; use data.on_gpu=auto or false")
+        return Choice(True, f"data.on_gpu=true ({store_bytes / 2**30:.2f} GiB)")
+    if setting is False:
+        return Choice(False, "data.on_gpu=false")
+    if conflicts:
+        return Choice(False, f"auto: needs {conflicts[0]}")
+    budget = int(ON_GPU_MEMORY_SHARE * (free_bytes or 0))
+    if store_bytes > budget:
+        return Choice(False, f"auto: the images need {store_bytes / 2**30:.2f} GiB, more than {ON_GPU_MEMORY_SHARE:.0%} of the free {free_bytes / 2**30:.1f} GiB")
+    return Choice(True, f"auto: the images need {store_bytes / 2**30:.2f} GiB of the free {free_bytes / 2**30:.1f} GiB")
