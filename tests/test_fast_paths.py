@@ -56,20 +56,28 @@ def test_cudnn_benchmark_auto_searches_only_for_long_gpu_runs_and_never_when_det
 
 def test_data_on_gpu_auto_needs_a_gpu_the_batched_augmentation_and_room():
     gib = 2**30
-    assert data_on_gpu_choice("auto", "cuda", "flip_crop", 1 * gib, 10 * gib).on
-    assert data_on_gpu_choice("auto", "cuda", "none", 1 * gib, 10 * gib).on
-    assert not data_on_gpu_choice("auto", "cuda", "flip_crop", 6 * gib, 10 * gib).on  # over half the free memory
-    assert not data_on_gpu_choice("auto", "cuda", "randaugment", 1 * gib, 10 * gib).on
-    assert not data_on_gpu_choice("auto", "cpu", "flip_crop", 1, None).on
-    assert not data_on_gpu_choice(False, "cuda", "flip_crop", 1, 10 * gib).on
+
+    def needs(n):
+        return lambda: n
+
+    def unasked():
+        raise AssertionError("the store's size was read where nothing depends on it")
+
+    assert data_on_gpu_choice("auto", "cuda", "flip_crop", needs(1 * gib), 10 * gib).on
+    assert data_on_gpu_choice("auto", "cuda", "none", needs(1 * gib), 10 * gib).on
+    assert not data_on_gpu_choice("auto", "cuda", "flip_crop", needs(6 * gib), 10 * gib).on  # over half the free memory
+    assert not data_on_gpu_choice("auto", "cuda", "randaugment", unasked, 10 * gib).on
+    assert not data_on_gpu_choice("auto", "cpu", "flip_crop", unasked, None).on
+    assert not data_on_gpu_choice(False, "cuda", "flip_crop", unasked, 10 * gib).on
+    assert data_on_gpu_choice(True, "cuda", "flip_crop", unasked, 10 * gib).on
     with pytest.raises(UserError, match=r"data\.on_gpu=true needs a CUDA device and data\.augment=flip_crop or none \(not randaugment\)"):
-        data_on_gpu_choice(True, "cpu", "randaugment", 1, None)
+        data_on_gpu_choice(True, "cpu", "randaugment", unasked, None)
 
 
 def test_a_cpu_run_takes_no_fast_path_and_the_keys_take_only_auto_true_false():
     cfg = compose_config(TINY)
-    fast = fast_paths.choose(cfg, "cpu", 1, steps_per_epoch=100)
-    assert fast.record() == {"compile": False, "cuda_graphs": False, "cudnn_benchmark": False}
+    fast = fast_paths.choose(cfg, "cpu", 1, steps_per_epoch=100, store_bytes=lambda: 1)
+    assert fast.record() == {"compile": False, "cuda_graphs": False, "cudnn_benchmark": False, "data_on_gpu": False}
     assert "compile off (auto: not on a GPU)" in fast.line()
     for key in ("trainer.compile", "trainer.cuda_graphs", "trainer.cudnn_benchmark", "data.on_gpu"):
         with pytest.raises(UserError, match=re.escape(f"{key}=maybe: must be auto, true or false")):

@@ -20,6 +20,7 @@ from torchvision.utils import make_grid
 
 from ..config import config_from_checkpoint, plain, value
 from ..data import build_data, make_loader, set_epoch
+from ..data.device_loader import DeviceLoader, device_bytes
 from ..data.transforms import batch_mixer
 from ..errors import UserError
 from ..models import build_model
@@ -44,10 +45,10 @@ log = logging.getLogger("rethink")
 # What `resume=` may change: how the run computes and how long it goes on, never what it is.
 # (Not trainer.limit_val_batches: it changes which images validate; nor data.cache: a run keeps how it was read.)
 RESUMABLE = (
-    "trainer.epochs", "trainer.device", "trainer.amp", "trainer.compile", "trainer.progress", "trainer.cpu_threads", "trainer.jobs_per_gpu",
+    "trainer.epochs", "trainer.device", "trainer.amp", "trainer.compile", "trainer.cuda_graphs", "trainer.progress", "trainer.cpu_threads", "trainer.jobs_per_gpu",
     "trainer.grad_checkpointing",
     "trainer.log_every_n_steps", "trainer.cudnn_benchmark", "trainer.image_grid", "data.num_workers", "data.root",
-    "data.cache_dir",
+    "data.cache_dir", "data.on_gpu",
 )
 
 
@@ -114,9 +115,12 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             f"resume={run_dir}: an epoch now has {steps} steps, the run had {resumed['steps_per_epoch']}; "
             "the data or data.batch_size changed, and the run cannot go on as it was"
         )
-    fast = fast_paths.choose(cfg, device.type, world.world_size, steps)
+    fast = fast_paths.choose(cfg, device.type, world.world_size, steps, store_bytes=lambda: device_bytes(data.train),
+                             free_bytes=torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None)
     torch.backends.cudnn.benchmark = fast.cudnn_benchmark.on
     forward, trained = _forward_modules(model, fast, precision, world, device)
+    if fast.data_on_gpu.on:  # the same batches, made on the device
+        train_loader = DeviceLoader(data.train, cfg.data, cfg.model.train_size, seed=cfg.seed, device=device, shard=world.shard)
     optimizer = build_optimizer(model, plain(cfg.optimizer))
     scheduler = build_scheduler(optimizer, steps // t.grad_accumulation, t.epochs, plain(cfg.scheduler))  # per optimizer step
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None

@@ -20,8 +20,9 @@ functions of plain values so that the CPU tests cover every branch.
 """
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from ..config import value
 from ..errors import UserError
 
 COMPILE_PAYS_AFTER_IMAGES = 2_000_000  # B0 224 px batch 256 on an H200 (issue 11): 63 s to compile, 5,118 -> 6,928 img/s
@@ -42,27 +43,32 @@ class FastPaths:
     compile: Choice
     cuda_graphs: Choice
     cudnn_benchmark: Choice
+    data_on_gpu: Choice
 
     def line(self) -> str:
-        return "; ".join(f"{name} {'on' if c.on else 'off'} ({c.why})" for name, c in self.items())
+        names = ("compile", "CUDA graphs", "cuDNN benchmark", "data on the GPU")
+        return "; ".join(f"{name} {'on' if c.on else 'off'} ({c.why})" for name, c in zip(names, self.choices()))
 
-    def items(self):
-        return (("compile", self.compile), ("CUDA graphs", self.cuda_graphs), ("cuDNN benchmark", self.cudnn_benchmark))
+    def choices(self) -> tuple[Choice, ...]:
+        return self.compile, self.cuda_graphs, self.cudnn_benchmark, self.data_on_gpu
 
     def record(self) -> dict:
-        return {"compile": self.compile.on, "cuda_graphs": self.cuda_graphs.on, "cudnn_benchmark": self.cudnn_benchmark.on}
+        keys = ("compile", "cuda_graphs", "cudnn_benchmark", "data_on_gpu")
+        return {key: choice.on for key, choice in zip(keys, self.choices())}
 
 
-def choose(cfg, device_type: str, world_size: int, steps_per_epoch: int) -> FastPaths:
-    """The run's compile, CUDA-graph and cuDNN-benchmark decisions (data.on_gpu is decided with the data:
-    `data_on_gpu`)."""
+def choose(cfg, device_type: str, world_size: int, steps_per_epoch: int, store_bytes: Callable[[], int],
+           free_bytes: Optional[int] = None) -> FastPaths:
+    """The run's decisions. `store_bytes()`: what its training images would take on the GPU (asked only
+    where it decides); `free_bytes`: the GPU's free memory."""
     t = cfg.trainer
     batch = cfg.data.batch_size
     steps = t.epochs * steps_per_epoch
     compiled = compile_choice(t.compile, device_type, steps * batch * world_size)
     graphs = cuda_graphs_choice(t.cuda_graphs, device_type, batch, world_size, t.grad_accumulation, bool(t.grad_checkpointing), compiled.on)
     benchmark = cudnn_benchmark_choice(t.cudnn_benchmark, device_type, bool(t.deterministic), steps)
-    return FastPaths(compiled, graphs, benchmark)
+    on_gpu = data_on_gpu_choice(cfg.data.on_gpu, device_type, value(cfg.data.augment), store_bytes, free_bytes)
+    return FastPaths(compiled, graphs, benchmark, on_gpu)
 
 
 def compile_choice(setting: Any, device_type: str, planned_images: int) -> Choice:
@@ -110,9 +116,11 @@ def cudnn_benchmark_choice(setting: Any, device_type: str, deterministic: bool, 
     return Choice(True, f"auto: {planned_steps:,} steps repay its search")
 
 
-def data_on_gpu_choice(setting: Any, device_type: str, augment: str, store_bytes: int, free_bytes: Optional[int]) -> Choice:
-    """Whether the decoded training images live on the GPU. `store_bytes`: what they need there; `free_bytes`:
-    the GPU's free memory (None off a GPU)."""
+def data_on_gpu_choice(setting: Any, device_type: str, augment: str, store_bytes: Callable[[], int], free_bytes: Optional[int]) -> Choice:
+    """Whether the decoded training images live on the GPU. `store_bytes()`: what they need there (only asked
+    where it decides: reading every file's header takes a moment); `free_bytes`: the GPU's free memory."""
+    if setting is False:
+        return Choice(False, "data.on_gpu=false")
     conflicts = [why for why, present in (
         ("a CUDA device", device_type != "cuda"),
         (f"data.augment=flip_crop or none (not {augment})", augment not in ("flip_crop", "none")),
@@ -120,11 +128,10 @@ def data_on_gpu_choice(setting: Any, device_type: str, augment: str, store_bytes
     if setting is True:
         if conflicts:
             raise UserError(f"data.on_gpu=true needs {' and '.join(conflicts)}; use data.on_gpu=auto or false")
-        return Choice(True, f"data.on_gpu=true ({store_bytes / 2**30:.2f} GiB)")
-    if setting is False:
-        return Choice(False, "data.on_gpu=false")
+        return Choice(True, "data.on_gpu=true")
     if conflicts:
         return Choice(False, f"auto: needs {conflicts[0]}")
+    store_bytes = store_bytes()
     budget = int(ON_GPU_MEMORY_SHARE * (free_bytes or 0))
     if store_bytes > budget:
         return Choice(False, f"auto: the images need {store_bytes / 2**30:.2f} GiB, more than {ON_GPU_MEMORY_SHARE:.0%} of the free {free_bytes / 2**30:.1f} GiB")

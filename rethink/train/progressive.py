@@ -173,13 +173,15 @@ class ProgressiveLearning:
         settings = stage_settings(epoch, c.trainer.epochs, c.progressive, c.model, c.data)
         if settings == self.current:
             return loader
-        dataset = loader.dataset
-        dataset.transform = train_transform(c.model, c.data, size=settings.image_size, randaug_magnitude=settings.randaug_magnitude)
         model.set_dropout(settings.dropout)
         learner.mixer = batch_mixer(c.data, self.num_classes, mixup_alpha=settings.mixup_alpha)
-        shut_down_workers(loader)
         self.current = settings
         log.info(_stage_line(settings, c.progressive.stages, c.trainer.epochs))
+        if hasattr(loader, "resized"):  # data.on_gpu: crops on the device at the stage's size (no RandAugment there)
+            return loader.resized(settings.image_size)
+        dataset = loader.dataset
+        dataset.transform = train_transform(c.model, c.data, size=settings.image_size, randaug_magnitude=settings.randaug_magnitude)
+        shut_down_workers(loader)
         return make_loader(dataset, c.data, train=True, seed=c.seed, pin_memory=self.pin_memory, shard=self.shard)
 
     def record(self) -> dict:

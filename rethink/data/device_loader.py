@@ -1,0 +1,115 @@
+"""data.on_gpu: the training images resident on the training device, each batch cropped and flipped there.
+
+`DeviceLoader` stands in for the train DataLoader: it decodes the training split once (in loader workers,
+in parallel, through the data set's own `image()`, so the decoded-image cache and its pixels are the same
+as the CPU path's), keeps the images in a padded uint8 store on the device (device_augment.py), and yields
+(uint8 images [B, 3, size, size], labels) on the device: RandomResizedCrop + horizontal flip
+(data.augment=flip_crop) or resize + centre crop (none), batched, with no copy from the host per step.
+
+Order and randomness: the same SeededSampler as make_loader (the same batches of the same images in the same
+order per (seed, epoch), shards under DDP, resumable mid-epoch). Each batch's boxes and flips come from a
+generator on the device seeded by the sampler's seed for the batch's first sample, so a batch depends on
+(seed, epoch, its place in the epoch) alone: reproducible per seed, and a resumed epoch continues exactly.
+The crops have torchvision's distribution, not its random numbers: the two paths train on different draws.
+"""
+
+import logging
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import value
+from .datasets import FileImages, SeededImages, TensorImages
+from .device_augment import crop_resize_flip, pad_into_store, random_resized_crop_flip, store_bytes
+from .loaders import SeededSampler, default_num_workers
+
+log = logging.getLogger("rethink")
+
+
+def stored_shapes(dataset: SeededImages) -> list[tuple[int, int]]:
+    """(height, width) of each image as the data set decodes it, from the files' headers (nothing is decoded)."""
+    if isinstance(dataset, TensorImages):
+        return [tuple(dataset.images.shape[-2:])] * len(dataset)
+    if isinstance(dataset, FileImages):
+        return [_decoded_shape(dataset.root / path, dataset.stored_side) for path in dataset.paths]
+    return [tuple(dataset.image(i).shape[-2:]) for i in range(len(dataset))]
+
+
+def device_bytes(dataset: SeededImages) -> int:
+    """The device memory the data set's images take in a DeviceLoader's store."""
+    return store_bytes(stored_shapes(dataset))
+
+
+def _decoded_shape(path, stored_side: int) -> tuple[int, int]:
+    """load_image(path, stored_side)'s (height, width): the shorter side at most stored_side, as near as the
+    header says (EXIF rotation included)."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if (image.getexif().get(0x0112) or 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+            width, height = height, width
+    scale = min(1.0, stored_side / min(width, height))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class _Decoded(Dataset):
+    def __init__(self, dataset: SeededImages):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.dataset.image(index)
+
+
+def decode_all(dataset: SeededImages, workers: int) -> list[torch.Tensor]:
+    """Every image of `dataset` as it decodes it (uint8 3xHxW), in order, decoded by `workers` loader workers."""
+    loader = DataLoader(_Decoded(dataset), batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None)
+    return list(loader)
+
+
+class DeviceLoader:
+    """Training batches made on `device` from images resident there; see the module's docstring."""
+
+    def __init__(self, dataset: SeededImages, data_cfg, size: int, *, seed: int, device: torch.device, shard=(0, 1)):
+        self.dataset = dataset
+        self.batch_size = data_cfg.batch_size
+        self.size = size
+        self.crop = value(data_cfg.augment) == "flip_crop"  # else data.augment=none: resize + centre crop
+        self.device = device
+        self.sampler = SeededSampler(range(len(dataset)), seed, shuffle=True, shard=shard)
+        workers = default_num_workers() if data_cfg.num_workers is None else data_cfg.num_workers
+        self.store, self.sizes = pad_into_store(decode_all(dataset, workers), device)
+        self.labels = torch.as_tensor(dataset.labels, dtype=torch.long, device=device)
+        log.info(f"data.on_gpu: {len(dataset)} training images on {device} ({self.store.numel() / 2**30:.2f} GiB)")
+
+    def __len__(self) -> int:
+        """Whole batches (the last incomplete one dropped, as the train DataLoader does)."""
+        return len(self.sampler) // self.batch_size if len(self.sampler) >= self.batch_size else 1
+
+    def resized(self, size: int) -> "DeviceLoader":
+        """This loader making crops of `size` (a progressive-learning stage); the store stays."""
+        self.size = size
+        return self
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = list(self.sampler)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = pairs[start : start + self.batch_size]
+            index = torch.tensor([i for i, _ in batch], dtype=torch.long).to(self.device, non_blocking=True)
+            yield self._images(index, batch[0][1]), self.labels[index]
+
+    def _images(self, index: torch.Tensor, seed: int) -> torch.Tensor:
+        if self.crop:
+            generator = torch.Generator(self.device).manual_seed(seed)
+            return random_resized_crop_flip(self.store, self.sizes, index, self.size, generator)
+        # torchvision's Resize(size) (the longer side int(size * long / short)) then CenterCrop(size), as the
+        # square of the shorter side the crop covers in the stored image
+        real = self.sizes[index]
+        short = real.min(1, keepdim=True).values
+        resized = torch.where(real == short, self.size, (self.size * real) // short)
+        offset = torch.round(torch.round((resized - self.size) / 2) * short / self.size).long()
+        boxes = torch.cat([offset, short, short], 1)
+        return crop_resize_flip(self.store, index, self.sizes, boxes, torch.zeros(len(index), dtype=torch.bool, device=self.device), self.size)

@@ -1,0 +1,108 @@
+"""data.on_gpu's loader (rethink/data/device_loader.py), run on CPU tensors: the same batches as the train
+DataLoader, reproducible and resumable per seed, the store's size known from the files' headers, and a
+training run through it (with progressive learning's size change); on a GPU, the same pixels as on the CPU."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from rethink.config import DataConfig, compose_config
+from rethink.data import build_data, make_loader, set_epoch
+from rethink.data.device_augment import crop_resize_flip
+from rethink.data.device_loader import DeviceLoader, decode_all, device_bytes, stored_shapes
+from rethink.tasks.train import train
+from rethink.train import fast_paths
+from test_train import TINY, scalars
+
+MODEL = OmegaConf.create({"train_size": 24, "eval_size": 24, "mean": [0.5] * 3, "std": [0.25] * 3})
+
+
+def photo_folder(root, sizes=((60, 45), (45, 60), (80, 40), (50, 50), (30, 70), (64, 48))):
+    """Two classes of smooth JPEGs of several sizes and orientations, one turned by its EXIF tag."""
+    for label, period in (("a", 9.0), ("b", 14.0)):
+        for i, (w, h) in enumerate(sizes):
+            path = root / label / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            y, x = np.mgrid[0:h, 0:w]
+            planes = [128 + 100 * np.sin(x / (period + c) + i) * np.cos(y / (period + 2 * c)) for c in range(3)]  # ~1/20 px
+            image = Image.fromarray(np.stack(planes, -1).round().clip(0, 255).astype(np.uint8))
+            exif = Image.Exif()
+            if i == 0:
+                exif[0x0112] = 6  # shown rotated by 90 degrees
+            image.save(path, quality=90, exif=exif)
+    return root
+
+
+def folder_data(tmp_path, **values):
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), dict(
+        name="folder", root=str(photo_folder(tmp_path / "photos")), cache_dir=str(tmp_path / "cache"), batch_size=3,
+        num_workers=0, split=[0.75, 0.125, 0.125], **values))
+    return cfg, build_data(cfg, MODEL)
+
+
+def test_the_store_holds_what_the_data_set_decodes_and_its_size_is_known_beforehand(tmp_path):
+    cfg, data = folder_data(tmp_path)
+    decoded = decode_all(data.train, workers=2)
+    assert [tuple(image.shape[-2:]) for image in decoded] == stored_shapes(data.train)  # from headers, EXIF included
+    assert all(torch.equal(image, data.train.image(i)) for i, image in enumerate(decoded))
+    loader = DeviceLoader(data.train, cfg, 24, seed=0, device=torch.device("cpu"))
+    assert loader.store.numel() + loader.sizes.numel() * 8 == device_bytes(data.train)
+
+
+def test_batches_are_the_train_loaders_own_in_order_reproducible_and_resumable(tmp_path):
+    cfg, data = folder_data(tmp_path)
+    cpu_loader = make_loader(data.train, cfg, train=True, seed=5)
+    loader = DeviceLoader(data.train, cfg, 24, seed=5, device=torch.device("cpu"))
+    assert len(loader) == len(cpu_loader) == len(data.train) // 3
+    for epoch in (1, 2):
+        set_epoch(cpu_loader, epoch), set_epoch(loader, epoch)
+        batches = list(loader)
+        assert [labels.tolist() for _, labels in batches] == [labels.tolist() for _, labels in cpu_loader]
+        assert all(images.dtype == torch.uint8 and images.shape == (3, 3, 24, 24) for images, _ in batches)
+        set_epoch(loader, epoch)
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, loader))  # the same seed, the same crops
+        set_epoch(loader, epoch, start_batch=1)  # a resumed epoch: the batches it had not trained on, exactly
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches[1:], loader))
+    set_epoch(loader, 1)
+    first = next(iter(loader))[0]
+    assert not torch.equal(first, batches[0][0])  # epoch 2's crops are not epoch 1's
+    assert loader.resized(16) is loader and next(iter(loader))[0].shape == (3, 3, 16, 16)
+
+
+def test_without_augmentation_the_batch_is_torchvisions_resize_and_centre_crop(tmp_path):
+    cfg, data = folder_data(tmp_path, augment="none", crop_pct=1.0)  # stored at a shorter side of 24: the crop's offsets are whole pixels
+    loader = DeviceLoader(data.train, cfg, 24, seed=0, device=torch.device("cpu"))
+    for i in range(len(data.train)):
+        assert torch.equal(loader._images(torch.tensor([i]), seed=0)[0], data.train.transform(data.train.image(i)))
+
+
+def test_a_run_trains_from_device_resident_data_through_a_progressive_stage_change(tmp_path, monkeypatch):
+    monkeypatch.setattr(fast_paths, "data_on_gpu_choice", lambda *a: fast_paths.Choice(True, "test: on the CPU"))
+    sizes = []
+    resized = DeviceLoader.resized
+    monkeypatch.setattr(DeviceLoader, "resized", lambda self, size: sizes.append(size) or resized(self, size))
+    run = tmp_path / "run"
+    metrics = train(compose_config([*TINY, "progressive=v2", "progressive.stages=2", "progressive.min_size=16"]), run)
+    assert metrics["data_on_gpu"] is True and json.loads((run / "metrics.json").read_text())["data_on_gpu"] is True
+    assert scalars(run)["train/image_size"] == [(1, 24), (2, 32)]
+    assert sizes == [24, 32]  # each stage's crops made by the device loader
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_crops_are_the_cpus_within_a_level(tmp_path):
+    cfg, data = folder_data(tmp_path)
+    cpu = DeviceLoader(data.train, cfg, 24, seed=0, device=torch.device("cpu"))
+    gpu = DeviceLoader(data.train, cfg, 24, seed=0, device=torch.device("cuda"))
+    index = torch.arange(len(data.train))
+    boxes = torch.tensor([[1, 2, 20, 25]] * len(index))
+    flips = torch.arange(len(index)) % 2 == 0
+    on_cpu = crop_resize_flip(cpu.store, index, cpu.sizes, boxes, flips, 24)
+    on_gpu = crop_resize_flip(gpu.store, index.cuda(), gpu.sizes, boxes.cuda(), flips.cuda(), 24).cpu()
+    assert (on_cpu.int() - on_gpu.int()).abs().max() <= 1
+    set_epoch(gpu, 1)
+    images, labels = next(iter(gpu))
+    assert images.is_cuda and labels.is_cuda and images.shape == (3, 3, 24, 24)
