@@ -84,6 +84,21 @@ def test_a_cpu_run_takes_no_fast_path_and_the_keys_take_only_auto_true_false():
             validate(compose_config([*TINY, f"{key}=maybe"]))
 
 
+def test_compiled_code_is_cached_in_one_folder_every_job_shares(monkeypatch, tmp_path):
+    import torch._inductor.config
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    saved = torch._inductor.config.fx_graph_cache
+    try:
+        assert fast_paths.share_compiled_code() == tmp_path / "rethink" / "inductor"
+        assert torch._inductor.config.fx_graph_cache is True
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice wins
+        assert fast_paths.share_compiled_code() == tmp_path / "mine"
+    finally:
+        torch._inductor.config.fx_graph_cache = saved
+
+
 def test_cuda_graphs_true_on_the_cpu_is_refused_with_one_line_before_training(tmp_path):
     with pytest.raises(UserError, match=r"trainer\.cuda_graphs=true needs a CUDA device"):
         train(compose_config([*TINY, "trainer.cuda_graphs=true"]), tmp_path / "run")

@@ -219,6 +219,7 @@ def _forward_modules(model, fast: fast_paths.FastPaths, precision, world, device
     compiling (as PyTorch asks), or with CUDA graphs replaying its training passes."""
     forward = model
     if fast.compile.on:
+        fast_paths.share_compiled_code()
         forward = torch.compile(model, mode="reduce-overhead" if fast.cuda_graphs.on else None)  # compile's own CUDA graphs
     trained = distributed.wrap(forward, world, device)
     if fast.cuda_graphs.on and not fast.compile.on:

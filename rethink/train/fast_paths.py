@@ -15,14 +15,21 @@
                              batches (data/device_augment.py). auto: on for CUDA runs with data.augment=flip_crop
                              or none whose images take at most ON_GPU_MEMORY_SHARE of the GPU's free memory.
 
+Compiled code is kept between runs: `share_compiled_code` turns on inductor's FX-graph cache and AOT autograd's
+cache in one folder per user ($TORCHINDUCTOR_CACHE_DIR, else ~/.cache/rethink/inductor), so the jobs of a sweep
+(and later runs) that compile the same network at the same shapes load it instead of compiling it again.
+
 `choose(...)` gives every decision with its reason (one log line, and metrics.json). The rules are pure
 functions of plain values so that the CPU tests cover every branch.
 """
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config import value
+from ..data.locations import user_cache_home
 from ..errors import UserError
 
 COMPILE_PAYS_AFTER_IMAGES = 2_000_000  # B0 224 px batch 256 on an H200 (issue 11): 63 s to compile, 5,118 -> 6,928 img/s
@@ -136,3 +143,16 @@ def data_on_gpu_choice(setting: Any, device_type: str, augment: str, store_bytes
     if store_bytes > budget:
         return Choice(False, f"auto: the images need {store_bytes / 2**30:.2f} GiB, more than {ON_GPU_MEMORY_SHARE:.0%} of the free {free_bytes / 2**30:.1f} GiB")
     return Choice(True, f"auto: the images need {store_bytes / 2**30:.2f} GiB of the free {free_bytes / 2**30:.1f} GiB")
+
+
+def share_compiled_code() -> Path:
+    """Turn on torch.compile's on-disk caches in the folder every run of this user shares (see the module's
+    docstring); returns the folder."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache_home() / "rethink" / "inductor")))
+    torch._inductor.config.fx_graph_cache = True
+    if hasattr(torch._functorch.config, "enable_autograd_cache"):
+        torch._functorch.config.enable_autograd_cache = True
+    return folder
