@@ -195,6 +195,17 @@ def test_at_most_max_captures_then_eager():
     assert len(graphs.captures) == MAX_CAPTURES
 
 
+def test_a_run_with_cuda_graphs_captures_once_per_progressive_stage(tmp_path, monkeypatch):
+    graphs = EagerGraphs()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", graphs)
+    monkeypatch.setattr(fast_paths, "cuda_graphs_choice", lambda *a: fast_paths.Choice(True, "test: on the CPU"))
+    metrics = train(compose_config([*TINY, "progressive=v2", "progressive.stages=2", "progressive.min_size=16",
+                                    "trainer.epochs=4"]), tmp_path / "run")
+    assert metrics["cuda_graphs"] is True
+    assert graphs.captures == [(8, 3, 24, 24), (8, 3, 32, 32)]  # one per stage (24 px, then 32), none per batch
+    assert graphs.replays == 4 * 4  # every training step of the 4 epochs replayed; validation never
+
+
 # --- on a GPU ----------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
