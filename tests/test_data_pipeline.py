@@ -184,6 +184,61 @@ def test_synthetic_is_deterministic_per_split_seed():
     assert len(bundle.manifest) == 48 and not bundle.skipped  # splits.csv names them synthetic/<index>
 
 
+def test_synthetic_images_differ_by_seed_class_and_image():
+    threads = torch.get_num_threads()
+    images = generate_synthetic(12, 6, 64, seed=5)[0]
+    assert torch.get_num_threads() == threads  # drawn on one thread, the caller's setting restored
+    other = generate_synthetic(12, 6, 64, seed=6)[0]
+    assert len({bytes(image.numpy()) for image in images}) == 72  # every image its own, in every class
+    assert all(not torch.equal(images[k * 6 : k * 6 + 6], other[k * 6 : k * 6 + 6]) for k in range(12))
+    assert torch.equal(images, generate_synthetic(12, 6, 64, seed=5)[0])
+
+
+def _first_generator_mask(pattern, cx, cy, angle, radius, period, phase, size):
+    """The first generator's per-pixel formulas, in float64: n x size x size, True on the pattern."""
+    column = lambda values: values[:, None, None]  # noqa: E731
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    dx, dy = x - column(cx), y - column(cy)
+    cos, sin = column(np.cos(angle)), column(np.sin(angle))
+    u, v = dx * cos + dy * sin, -dx * sin + dy * cos
+    wave_u, wave_v = 2 * np.pi * u / column(period) + column(phase), 2 * np.pi * v / column(period) + column(phase)
+    u, v = u / column(radius), v / column(radius)
+    r = np.sqrt(u * u + v * v)
+    return {
+        "circle": r < 1,
+        "square": np.maximum(abs(u), abs(v)) < 0.85,
+        "triangle": (v < 0.5) & (np.sqrt(3) * abs(u) - v < 1),
+        "stripes": np.sin(wave_v) > 0,
+        "checkerboard": np.sin(wave_u) * np.sin(wave_v) > 0,
+        "ring": (r < 1) & (r > 0.6),
+        "cross": ((abs(u) < 0.3) & (abs(v) < 1)) | ((abs(v) < 0.3) & (abs(u) < 1)),
+        "dots": np.cos(wave_u) * np.cos(wave_v) > 0.5,
+        "diamond": abs(u) + abs(v) < 1.1,
+        "vertical_stripes": np.sin(wave_u) > 0,
+        "grid": (np.cos(wave_u) > 0.8) | (np.cos(wave_v) > 0.8),
+        "ellipse": (u / 1.2) ** 2 + (v / 0.5) ** 2 < 1,
+    }[pattern]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_synthetic_masks_are_the_per_pixel_formulas(pattern):
+    """Shapes solved row by row, textures from 16-bit phases: the same pixels as the per-pixel formulas,
+    but for a rare one on an edge."""
+    from rethink.data.synthetic import _Geometry, _mask
+
+    rng = np.random.default_rng(len(pattern))
+    n, size = 24, 80
+    cx, cy = rng.uniform(0.3, 0.7, n) * size, rng.uniform(0.3, 0.7, n) * size
+    angle, radius = np.deg2rad(rng.uniform(-15, 15, n)), rng.uniform(0.2, 0.35, n) * size
+    period, phase = rng.uniform(0.12, 0.22, n) * size, rng.uniform(0, 2 * np.pi, n)
+    mask = _mask(pattern, _Geometry(cx, cy, angle, radius, period, phase, size))
+    assert mask.shape == (n, 1, size, size) and mask.dtype == torch.int16
+    assert set(mask.unique().tolist()) == {-1, 0}
+    expected = _first_generator_mask(pattern, cx, cy, angle, radius, period, phase, size)
+    assert 0.02 < expected.mean() < 0.98
+    assert ((mask[:, 0] == -1).numpy() != expected).mean() < 2e-4
+
+
 def test_synthetic_is_learnable_on_a_cpu():
     """The default data=synthetic, as composed by run.py, at 32 px: a small conv net with the default
     flip_crop augmentation ends well above chance (0.25) after a few seconds of training."""
