@@ -92,6 +92,18 @@ def test_a_run_trains_from_device_resident_data_through_a_progressive_stage_chan
     assert sizes == [24, 32]  # each stage's crops made by the device loader
 
 
+def test_images_that_do_not_fit_after_all_fall_back_to_the_cpu_loader(tmp_path, monkeypatch):
+    import rethink.tasks.train as train_task
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(fast_paths, "data_on_gpu_choice", lambda *a: fast_paths.Choice(True, "test: on the CPU"))
+    monkeypatch.setattr(train_task, "DeviceLoader", out_of_memory)
+    metrics = train(compose_config([*TINY, "trainer.epochs=1"]), tmp_path / "run")
+    assert metrics["data_on_gpu"] is False and metrics["epochs"] == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_the_crops_are_the_cpus_within_a_level(tmp_path):
     cfg, data = folder_data(tmp_path)

@@ -187,6 +187,21 @@ def test_graphs_capture_once_per_shape_and_dropout_never_for_a_smaller_batch_or_
     assert type(model).forward is nn.Sequential.forward and "forward" not in vars(model)  # the model's own forward back
 
 
+def test_a_failed_capture_is_a_warning_and_training_goes_on_eagerly(caplog):
+    def failing(module, sample_args):
+        EagerGraphs()(module, sample_args)  # warm-up passes (BatchNorm updates), forward swapped ...
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")  # ... then the capture fails
+
+    model, plain, x = tiny_net(dropout=0), tiny_net(dropout=0).train(), torch.randn(4, 3, 12, 12)
+    wrapper = GraphedForward(model, Precision(None, "cpu").autocast, make_graphed=failing).train()
+    with caplog.at_level("WARNING", logger="rethink"):
+        out = wrapper(x)
+    assert torch.equal(out, plain(x)) and wrapper.failed and "forward" not in vars(model)  # as if never tried
+    assert "capturing the training step failed (RuntimeError: operation not permitted when stream is capturing)" in caplog.text
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in plain.state_dict().items())  # the warm-up undone
+    wrapper(torch.randn(4, 3, 12, 12))  # no second attempt
+
+
 def test_at_most_max_captures_then_eager():
     graphs = EagerGraphs()
     wrapper = GraphedForward(tiny_net(), Precision(None, "cpu").autocast, make_graphed=graphs).train()

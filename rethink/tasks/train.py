@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Optional
@@ -120,7 +120,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     torch.backends.cudnn.benchmark = fast.cudnn_benchmark.on
     forward, trained = _forward_modules(model, fast, precision, world, device)
     if fast.data_on_gpu.on:  # the same batches, made on the device
-        train_loader = DeviceLoader(data.train, cfg.data, cfg.model.train_size, seed=cfg.seed, device=device, shard=world.shard)
+        train_loader, fast = _device_loader(data.train, cfg, device, world, train_loader, fast)
     optimizer = build_optimizer(model, plain(cfg.optimizer))
     scheduler = build_scheduler(optimizer, steps // t.grad_accumulation, t.epochs, plain(cfg.scheduler))  # per optimizer step
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
@@ -195,6 +195,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         writer.add_scalar("test/acc", test.acc, progress.epoch)
         writer.add_scalar("test/loss", test.loss, progress.epoch)
         writer.add_figure("test/confusion_matrix", confusion_figure(test.confusion, classes, f"test, epoch {best_epoch}"), progress.epoch)
+        if getattr(trained, "failed", False):  # CUDA graphs could not be captured: the run trained without them
+            fast = replace(fast, cuda_graphs=fast_paths.Choice(False, "capture failed"))
         metrics = _metrics(cfg, progress, test, ema is not None, params, gmacs, device, precision, cpu_threads, world, fast)
         if world.is_main:
             write_json(run_dir / "metrics.json", metrics)
@@ -225,6 +227,18 @@ def _forward_modules(model, fast: fast_paths.FastPaths, precision, world, device
     if fast.cuda_graphs.on and not fast.compile.on:
         trained = GraphedForward(trained, precision.autocast)
     return forward, trained
+
+
+def _device_loader(dataset, cfg: DictConfig, device, world, cpu_loader, fast):
+    """The train loader with the images resident on `device`, or where they do not fit after all, the CPU's
+    (a warning; metrics.json then says data_on_gpu: false)."""
+    try:
+        return DeviceLoader(dataset, cfg.data, cfg.model.train_size, seed=cfg.seed, device=device, shard=world.shard), fast
+    except torch.cuda.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        log.warning(f"data.on_gpu: the training images do not fit on {device}; loading them on the CPU (data.on_gpu=false avoids the attempt)")
+        return cpu_loader, replace(fast, data_on_gpu=fast_paths.Choice(False, "did not fit"))
 
 
 def _finished_metrics(run_dir: Path, epochs: int) -> Optional[dict]:

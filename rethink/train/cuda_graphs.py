@@ -13,7 +13,8 @@ of the same images (an epoch's last, partial one) runs eagerly instead. Evaluati
 module eagerly, so validation and the EMA never capture. Capturing runs the forward and backward a few times
 first (cuDNN's and cuBLAS's set-up stays out of the graph); BatchNorm's running statistics are put back
 afterwards, so the warm-up leaves no trace in the model. At most MAX_CAPTURES captures per run: beyond that
-the module runs eagerly (with a warning), never a capture per batch.
+the module runs eagerly (with a warning), never a capture per batch. A capture that fails (an operation the
+GPU or this PyTorch cannot capture) is a warning, and the run trains on without graphs.
 
 Not with DDP (its gradient hooks), gradient accumulation (a replay overwrites the gradients the last one left)
 or gradient checkpointing (its recomputation reads the RNG state, which a capture may not): fast_paths refuses
@@ -41,12 +42,13 @@ class GraphedForward(nn.Module):
         self.autocast = autocast  # the run's torch.autocast settings, entered with cache_enabled=False around captures
         self.make_graphed = make_graphed or torch.cuda.make_graphed_callables
         self.captures = 0
+        self.failed = False  # a capture failed: the rest of the run trains eagerly
         self._graphed: Optional[Callable] = None
         self._key: Optional[tuple] = None
         self._dropouts = [m for m in module.modules() if isinstance(m, nn.Dropout)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or self.failed:
             return self.module(x)
         key = (tuple(x.shape[1:]), x.dtype, x.stride(), tuple(m.p for m in self._dropouts))
         if self._key is not None and key == self._key and x.shape[0] == self._batch:
@@ -58,7 +60,15 @@ class GraphedForward(nn.Module):
                 log.warning(f"CUDA graphs: {MAX_CAPTURES} captures in this run; running eagerly from now on")
                 self.captures += 1
             return self.module(x)
-        self._capture(x)
+        try:
+            self._capture(x)
+        except Exception as e:  # a capture this module or this GPU cannot make: train without graphs, as it would
+            self.module.__dict__.pop("forward", None)
+            self.release()
+            self.failed = True
+            log.warning(f"CUDA graphs: capturing the training step failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "training without them (trainer.cuda_graphs=false avoids the attempt)")
+            return self.module(x)
         self._key, self._batch = key, x.shape[0]
         return self._graphed(x)
 
@@ -69,14 +79,16 @@ class GraphedForward(nn.Module):
     def _capture(self, x: torch.Tensor) -> None:
         self.release()
         saved = [b.detach().clone() for b in self.module.buffers()]  # the warm-up passes update BatchNorm's statistics
-        with self.autocast(cache_enabled=False):
-            graphed = self.make_graphed(self.module, (x.detach(),))
-        # make_graphed_callables swaps the module's forward for one that replays in training mode; keep that
-        # function here and give the module its own forward back (eager for other shapes, and for the EMA)
-        self._graphed = graphed.forward
-        del self.module.forward
-        with torch.no_grad():
-            for buffer, value in zip(self.module.buffers(), saved):
-                buffer.copy_(value)
+        try:
+            with self.autocast(cache_enabled=False):
+                graphed = self.make_graphed(self.module, (x.detach(),))
+            # make_graphed_callables swaps the module's forward for one that replays in training mode; keep that
+            # function here and give the module its own forward back (eager for other shapes, and for the EMA)
+            self._graphed = graphed.forward
+            del self.module.forward
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(self.module.buffers(), saved):
+                    buffer.copy_(value)
         self.captures += 1
         log.info(f"CUDA graphs: captured the training step for batches of {tuple(x.shape)}")
