@@ -115,8 +115,9 @@ class EagerGraphs:
     def __init__(self):
         self.captures, self.replays = [], 0
 
-    def __call__(self, module, sample_args, num_warmup_iters=3):
+    def __call__(self, module, sample_args, num_warmup_iters=3, capture_error_mode="global"):
         assert not (torch.is_autocast_enabled() and torch.is_autocast_cache_enabled())  # as torch requires
+        assert capture_error_mode == "thread_local"  # the pin-memory thread may call CUDA meanwhile
         self.captures.append(tuple(sample_args[0].shape))
         for _ in range(num_warmup_iters):
             out = module(*sample_args)
@@ -188,8 +189,8 @@ def test_graphs_capture_once_per_shape_and_dropout_never_for_a_smaller_batch_or_
 
 
 def test_a_failed_capture_is_a_warning_and_training_goes_on_eagerly(caplog):
-    def failing(module, sample_args):
-        EagerGraphs()(module, sample_args)  # warm-up passes (BatchNorm updates), forward swapped ...
+    def failing(module, sample_args, **kwargs):
+        EagerGraphs()(module, sample_args, **kwargs)  # warm-up passes (BatchNorm updates), forward swapped ...
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")  # ... then the capture fails
 
     model, plain, x = tiny_net(dropout=0), tiny_net(dropout=0).train(), torch.randn(4, 3, 12, 12)

@@ -67,7 +67,7 @@ class _Decoded(Dataset):
 def decode_all(dataset: SeededImages, workers: int) -> list[torch.Tensor]:
     """Every image of `dataset` as it decodes it (uint8 3xHxW), in order, decoded by `workers` loader workers."""
     loader = DataLoader(_Decoded(dataset), batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None)
-    return list(loader)
+    return [image.clone() for image in loader]  # a copy of its own: a worker's tensor holds a file descriptor
 
 
 class DeviceLoader:
@@ -96,10 +96,10 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pairs = list(self.sampler)
+        order = torch.tensor([i for i, _ in pairs], dtype=torch.long).to(self.device)  # one copy an epoch
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            batch = pairs[start : start + self.batch_size]
-            index = torch.tensor([i for i, _ in batch], dtype=torch.long).to(self.device, non_blocking=True)
-            yield self._images(index, batch[0][1]), self.labels[index]
+            index = order[start : start + self.batch_size]
+            yield self._images(index, pairs[start][1]), self.labels[index]
 
     def _images(self, index: torch.Tensor, seed: int) -> torch.Tensor:
         if self.crop:

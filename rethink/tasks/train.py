@@ -93,6 +93,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     cpu_threads = set_cpu_threads(t.cpu_threads)
     seed_everything(cfg.seed, t.deterministic)
     device = distributed.start(world, t.device) or resolve_device(t.device, job, t.jobs_per_gpu)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # CUDA graphs capture on the current device, and a sweep job may run on cuda:1
     precision = resolve_precision(t.amp.value, device)
     reset_memory_stats(device)
 
@@ -115,8 +117,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
             f"resume={run_dir}: an epoch now has {steps} steps, the run had {resumed['steps_per_epoch']}; "
             "the data or data.batch_size changed, and the run cannot go on as it was"
         )
-    fast = fast_paths.choose(cfg, device.type, world.world_size, steps, store_bytes=lambda: device_bytes(data.train),
-                             free_bytes=torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None)
+    free = torch.cuda.mem_get_info(device)[0] // t.jobs_per_gpu if device.type == "cuda" else None  # jobs sharing the GPU share it
+    fast = fast_paths.choose(cfg, device.type, world.world_size, steps, store_bytes=lambda: device_bytes(data.train), free_bytes=free)
     torch.backends.cudnn.benchmark = fast.cudnn_benchmark.on
     forward, trained = _forward_modules(model, fast, precision, world, device)
     if fast.data_on_gpu.on:  # the same batches, made on the device

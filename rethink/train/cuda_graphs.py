@@ -21,6 +21,8 @@ or gradient checkpointing (its recomputation reads the RNG state, which a captur
 those combinations.
 """
 
+import gc
+import inspect
 import logging
 from typing import Callable, Optional
 
@@ -30,6 +32,10 @@ from torch import nn
 log = logging.getLogger("rethink")
 
 MAX_CAPTURES = 16
+# Only this thread's CUDA calls may break a capture: the DataLoader's pin-memory thread goes on allocating
+# pinned memory meanwhile (a "global" capture, the default, fails on that now and then).
+_THREAD_LOCAL = ({"capture_error_mode": "thread_local"}
+                 if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {})
 
 
 class GraphedForward(nn.Module):
@@ -73,15 +79,20 @@ class GraphedForward(nn.Module):
         return self._graphed(x)
 
     def release(self) -> None:
-        """Drop the captured graphs (and their memory pool)."""
-        self._graphed, self._key = None, None
+        """Drop the captured graphs and give back their memory pool (the graphed function's static tensors
+        sit in a reference cycle: only the garbage collector frees them)."""
+        if self._graphed is not None:
+            self._graphed, self._key = None, None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _capture(self, x: torch.Tensor) -> None:
         self.release()
         saved = [b.detach().clone() for b in self.module.buffers()]  # the warm-up passes update BatchNorm's statistics
         try:
             with self.autocast(cache_enabled=False):
-                graphed = self.make_graphed(self.module, (x.detach(),))
+                graphed = self.make_graphed(self.module, (x.detach(),), **_THREAD_LOCAL)
             # make_graphed_callables swaps the module's forward for one that replays in training mode; keep that
             # function here and give the module its own forward back (eager for other shapes, and for the EMA)
             self._graphed = graphed.forward

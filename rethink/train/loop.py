@@ -39,7 +39,10 @@ class Inputs:
         self.std = torch.as_tensor(self.std, dtype=torch.float32, device=self.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images.to(self.device, non_blocking=True), self.mean, self.std)
+        return self.layout(normalize(images.to(self.device, non_blocking=True), self.mean, self.std))
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in the model's memory format."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
@@ -88,6 +91,7 @@ class Learner:
         targets = labels
         if self.mixer is not None:
             x, targets = self.mixer(x, labels)
+            x = self.inputs.layout(x)  # MixUp's roll comes back contiguous on CUDA
         last = self.pending == self.grad_accumulation
         # under DDP the gradients are averaged across processes once per optimizer step, not per micro-batch
         with nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
