@@ -93,7 +93,7 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     cpu_threads = set_cpu_threads(t.cpu_threads)
     seed_everything(cfg.seed, t.deterministic)
     device = distributed.start(world, t.device) or resolve_device(t.device, job, t.jobs_per_gpu)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # CUDA graphs capture on the current device, and a sweep job may run on cuda:1
     precision = resolve_precision(t.amp.value, device)
     reset_memory_stats(device)
