@@ -9,7 +9,7 @@ import torch
 from rethink.config import compose_config
 from rethink.errors import UserError
 from rethink.tasks.benchmark import benchmark
-from rethink.tasks.benchmark_step import batch_size
+from rethink.tasks.benchmark_step import batch_size, variant_config
 
 TINY = [
     "task=benchmark", "data=synthetic", "model.train_size=32", "model.eval_size=32", "data.batch_size=4",
@@ -49,6 +49,14 @@ def test_benchmark_times_ours_torchvision_and_variants_and_writes_them(tmp_path,
         assert training["ratios"]["ours+grad_accumulation:2+ema:true/ours"]["saved_for_backward"] < 0.75
     printed = capsys.readouterr().out
     assert "training step: b0, 32 px" in printed and "torchvision_our_settings" in printed and "input pipeline" in printed
+
+
+def test_variant_values_are_read_as_the_command_line_reads_them():
+    cfg = compose_config(TINY)
+    changed = variant_config(cfg, "cuda_graphs:false+compile:true+grad_accumulation:4+amp:bf16").trainer
+    assert (changed.cuda_graphs, changed.compile, changed.grad_accumulation, changed.amp.value) == (False, True, 4, "bf16")
+    with pytest.raises(UserError, match=r"trainer\.compile=maybe: must be auto, true or false"):
+        variant_config(cfg, "compile:maybe")
 
 
 def test_torchvision_is_left_out_when_the_layout_differs(tmp_path):

@@ -40,6 +40,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import yaml
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -150,7 +151,7 @@ def variant_config(cfg: DictConfig, spec: str) -> DictConfig:
         if not sep or key not in VARIANT_KEYS:
             raise UserError(f"benchmark.variants: '{spec}': each setting is key:value with key one of {', '.join(VARIANT_KEYS)} (several joined by +)")
         try:
-            OmegaConf.update(changed, f"trainer.{key}", setting.strip())
+            OmegaConf.update(changed, f"trainer.{key}", yaml.safe_load(setting.strip()))  # as the command line reads it: true, 4, fp16
         except OmegaConfBaseException:
             raise UserError(f"benchmark.variants: '{spec}': trainer.{key} cannot be '{setting.strip()}'") from None
     try:
