@@ -221,22 +221,26 @@ def crop_resize_flip(
     left-right where flips[i]. `sizes` is the store's [N, 2] real sizes: boxes are clamped inside
     them, so padding is never read even for a bad box. At most `chunk` images are converted to
     float at a time (each as its box, padded to the chunk's largest box); default 8 on CPU (cache
-    sized), 32 elsewhere (fewer kernel launches). `index` may repeat and be
-    in any order. One device-to-host sync (the chunks' largest box sides)."""
-    device = store.device
-    index = index.to(device=device, dtype=torch.long)
+    sized), 32 elsewhere (fewer kernel launches). `index` may repeat and be in any order.
+
+    The bookkeeping (clamping, the chunks' largest boxes) happens where `boxes` are: give `index`,
+    `sizes`, `boxes` and `flips` on the CPU and the store on the GPU, and the GPU is never waited for
+    (they go over from pinned memory); with everything on the GPU, reading the chunks' sides is one
+    device-to-host sync."""
+    device, host = store.device, boxes.device
+    index = index.to(device=host, dtype=torch.long)
     batch = index.shape[0]
     out = torch.empty(batch, 3, size, size, dtype=torch.uint8, device=device)
     if batch == 0:
         return out
-    real = sizes.to(device)[index]
-    boxes = boxes.to(device=device, dtype=torch.long)
+    real = sizes.to(host)[index]
+    boxes = boxes.to(torch.long)
     top = torch.minimum(boxes[:, 0].clamp(min=0), real[:, 0] - 1)
     left = torch.minimum(boxes[:, 1].clamp(min=0), real[:, 1] - 1)
     h = torch.minimum(boxes[:, 2].clamp(min=1), real[:, 0] - top)
     w = torch.minimum(boxes[:, 3].clamp(min=1), real[:, 1] - left)
     boxes = torch.stack([top, left, h, w], 1)
-    flips = flips.to(device=device, dtype=torch.bool)
+    flips = flips.to(device=host, dtype=torch.bool)
 
     order = torch.argsort(h * w)  # similar-sized boxes share a chunk
     chunk = max(1, int(chunk if chunk is not None else (8 if device.type == "cpu" else 32)))
@@ -244,12 +248,22 @@ def crop_resize_flip(
     pad = n_chunks * chunk - batch
     hs = torch.nn.functional.pad(h[order], (0, pad)).view(n_chunks, chunk).amax(1)
     ws = torch.nn.functional.pad(w[order], (0, pad)).view(n_chunks, chunk).amax(1)
-    maxima = torch.stack([hs, ws], 1).tolist()  # the one sync
+    maxima = torch.stack([hs, ws], 1).tolist()  # no sync where `host` is the CPU
+    index, boxes, flips, order = (to_device(t, device) for t in (index, boxes, flips, order))
     for c, (rows_max, cols_max) in enumerate(maxima):
         part = order[c * chunk : (c + 1) * chunk]
         resized = _resize_chunk(store, index[part], boxes[part], flips[part], size, int(rows_max), int(cols_max))
         out.index_copy_(0, part, resized.round_().clamp_(0, 255).to(torch.uint8))
     return out
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; from the CPU to a GPU through pinned memory, without waiting for the GPU."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def random_resized_crop_flip(
@@ -264,8 +278,11 @@ def random_resized_crop_flip(
 ) -> torch.Tensor:
     """RandomResizedCrop(size, scale, ratio, antialias=True) + RandomHorizontalFlip(0.5) of images
     index[i] of the store: uint8 [B, 3, size, size]. Boxes first, then flips, all from `generator`
-    (same seed, same batch)."""
-    index = index.to(device=store.device, dtype=torch.long)
-    boxes = sample_crop_boxes(sizes.to(store.device)[index], generator, scale, ratio)
-    flips = torch.rand(index.shape[0], generator=generator, device=generator.device) < 0.5
-    return crop_resize_flip(store, index, sizes, boxes, flips.to(store.device), size, chunk=chunk)
+    (same seed, same batch), drawn where the generator is: a CPU generator (with `sizes` and `index` on
+    the CPU) gives the same boxes for a store on any device, and never waits for a GPU."""
+    host = generator.device
+    index = index.to(device=host, dtype=torch.long)
+    sizes = sizes.to(host)
+    boxes = sample_crop_boxes(sizes[index], generator, scale, ratio)
+    flips = torch.rand(index.shape[0], generator=generator, device=host) < 0.5
+    return crop_resize_flip(store, index, sizes, boxes, flips, size, chunk=chunk)

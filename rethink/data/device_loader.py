@@ -7,10 +7,12 @@ as the CPU path's), keeps the images in a padded uint8 store on the device (devi
 (data.augment=flip_crop) or resize + centre crop (none), batched, with no copy from the host per step.
 
 Order and randomness: the same SeededSampler as make_loader (the same batches of the same images in the same
-order per (seed, epoch), shards under DDP, resumable mid-epoch). Each batch's boxes and flips come from a
-generator on the device seeded by the sampler's seed for the batch's first sample, so a batch depends on
-(seed, epoch, its place in the epoch) alone: reproducible per seed, and a resumed epoch continues exactly.
-The crops have torchvision's distribution, not its random numbers: the two paths train on different draws.
+order per (seed, epoch), shards under DDP, resumable mid-epoch). Each batch's boxes and flips come from a CPU
+generator seeded by the sampler's seed for the batch's first sample, so a batch depends on (seed, epoch, its
+place in the epoch) alone: reproducible per seed, the same crops on any device, and a resumed epoch continues
+exactly. The crops have torchvision's distribution, not its random numbers: this path and the CPU loader's
+train on different draws. The boxes are drawn and sorted on the CPU and go over to the GPU (with the labels)
+from pinned memory, so making a batch never waits for the GPU.
 """
 
 import logging
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import value
 from .datasets import FileImages, SeededImages, TensorImages
-from .device_augment import crop_resize_flip, pad_into_store, random_resized_crop_flip, store_bytes
+from .device_augment import crop_resize_flip, pad_into_store, random_resized_crop_flip, store_bytes, to_device
 from .loaders import SeededSampler, default_num_workers
 
 log = logging.getLogger("rethink")
@@ -81,8 +83,9 @@ class DeviceLoader:
         self.device = device
         self.sampler = SeededSampler(range(len(dataset)), seed, shuffle=True, shard=shard)
         workers = default_num_workers() if data_cfg.num_workers is None else data_cfg.num_workers
-        self.store, self.sizes = pad_into_store(decode_all(dataset, workers), device)
-        self.labels = torch.as_tensor(dataset.labels, dtype=torch.long, device=device)
+        self.store, sizes = pad_into_store(decode_all(dataset, workers), device)
+        self.sizes = sizes.cpu()  # the crops' bookkeeping stays on the CPU: nothing waits for the GPU
+        self.labels = torch.as_tensor(dataset.labels, dtype=torch.long)
         log.info(f"data.on_gpu: {len(dataset)} training images on {device} ({self.store.numel() / 2**30:.2f} GiB)")
 
     def __len__(self) -> int:
@@ -96,15 +99,14 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pairs = list(self.sampler)
-        order = torch.tensor([i for i, _ in pairs], dtype=torch.long).to(self.device)  # one copy an epoch
+        order = torch.tensor([i for i, _ in pairs], dtype=torch.long)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            yield self._images(index, pairs[start][1]), self.labels[index]
+            yield self._images(index, pairs[start][1]), to_device(self.labels[index], self.device)
 
     def _images(self, index: torch.Tensor, seed: int) -> torch.Tensor:
-        if self.crop:
-            generator = torch.Generator(self.device).manual_seed(seed)
-            return random_resized_crop_flip(self.store, self.sizes, index, self.size, generator)
+        if self.crop:  # boxes and flips from a CPU generator: the same crops whatever the device
+            return random_resized_crop_flip(self.store, self.sizes, index, self.size, torch.Generator().manual_seed(seed))
         # torchvision's Resize(size) (the longer side int(size * long / short)) then CenterCrop(size), as the
         # square of the shorter side the crop covers in the stored image
         real = self.sizes[index]
@@ -112,4 +114,4 @@ class DeviceLoader:
         resized = torch.where(real == short, self.size, (self.size * real) // short)
         offset = torch.round(torch.round((resized - self.size) / 2) * short / self.size).long()
         boxes = torch.cat([offset, short, short], 1)
-        return crop_resize_flip(self.store, index, self.sizes, boxes, torch.zeros(len(index), dtype=torch.bool, device=self.device), self.size)
+        return crop_resize_flip(self.store, index, self.sizes, boxes, torch.zeros(len(index), dtype=torch.bool), self.size)
