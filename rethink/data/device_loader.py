@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import value
 from .datasets import FileImages, SeededImages, TensorImages
 from .device_augment import crop_resize_flip, pad_into_store, random_resized_crop_flip, store_bytes, to_device
+from .images import shorter_side_size
 from .loaders import SeededSampler, default_num_workers
 
 log = logging.getLogger("rethink")
@@ -45,14 +46,14 @@ def device_bytes(dataset: SeededImages) -> int:
 
 
 def _decoded_shape(path, stored_side: int) -> tuple[int, int]:
-    """load_image(path, stored_side)'s (height, width): the shorter side at most stored_side, as near as the
-    header says (EXIF rotation included)."""
+    """load_image(path, stored_side)'s (height, width) as the header says (EXIF rotation included; a JPEG
+    decoded at a reduced scale may come out a pixel off in its longer side)."""
     with Image.open(path) as image:
         width, height = image.size
         if (image.getexif().get(0x0112) or 1) in (5, 6, 7, 8):  # rotated by 90 degrees
             width, height = height, width
-    scale = min(1.0, stored_side / min(width, height))
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    width, height = shorter_side_size(width, height, stored_side)
+    return height, width
 
 
 class _Decoded(Dataset):

@@ -58,14 +58,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, P without transparency
 
 
+def shorter_side_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
+    """(width, height) downscaled so the shorter side is `shorter_side`; never upscaled."""
+    if min(width, height) <= shorter_side:
+        return width, height
+    scale = shorter_side / min(width, height)
+    return max(shorter_side, round(width * scale)), max(shorter_side, round(height * scale))
+
+
 def resize_shorter_side(image: Image.Image, shorter_side: int) -> Image.Image:
     """Downscale so the shorter side is `shorter_side`; never upscale."""
-    width, height = image.size
-    if min(width, height) <= shorter_side:
-        return image
-    scale = shorter_side / min(width, height)
-    size = (max(shorter_side, round(width * scale)), max(shorter_side, round(height * scale)))
-    return image.resize(size, Image.BILINEAR, reducing_gap=None)
+    size = shorter_side_size(*image.size, shorter_side)
+    return image if size == image.size else image.resize(size, Image.BILINEAR, reducing_gap=None)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -51,8 +51,7 @@ from ..data import batch_mixer, normalize
 from ..errors import UserError
 from ..models import build_model
 from ..models.profile import count_params
-from ..train.cuda_graphs import GraphedForward
-from ..train.fast_paths import cuda_graphs_choice
+from ..train.fast_paths import cuda_graphs_choice, forward_modules
 from ..train.loop import Inputs, Learner
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.runtime import Precision, resolve_device, resolve_precision, seed_everything, set_cpu_threads
@@ -202,8 +201,7 @@ def _learner_run(name: str, model, cfg: DictConfig, device, precision: Precision
     micro = micro_batch(batch, t.grad_accumulation, name)
     compiled = t.compile is True  # auto: off, as for a run too short to repay compiling; see benchmark.variants
     graphs = cuda_graphs_choice(t.cuda_graphs, device.type, micro, 1, t.grad_accumulation, bool(t.grad_checkpointing), compiled).on
-    module = torch.compile(model, mode="reduce-overhead" if graphs else None) if compiled else model
-    trained = GraphedForward(module, precision.autocast) if graphs and not compiled else module
+    module, trained = forward_modules(model, compiled, graphs, precision.autocast)
     optimizer = build_optimizer(model, plain(cfg.optimizer))
     scheduler = build_scheduler(optimizer, 1000, max(1, t.epochs), plain(cfg.scheduler))  # its values cost nothing
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None

@@ -29,7 +29,6 @@ from ..models.profile import count_gmacs, count_params
 from ..rundir import torchrun_rank
 from ..train import distributed, fast_paths
 from ..train import progressive as progressive_learning
-from ..train.cuda_graphs import GraphedForward
 from ..train.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from ..train.loop import EpochTotals, Inputs, Interrupted, Learner, NonFiniteLoss, evaluate, train_epoch
 from ..train.metrics import confusion_figure
@@ -120,7 +119,8 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
     free = torch.cuda.mem_get_info(device)[0] // t.jobs_per_gpu if device.type == "cuda" else None  # jobs sharing the GPU share it
     fast = fast_paths.choose(cfg, device.type, world.world_size, steps, store_bytes=lambda: device_bytes(data.train), free_bytes=free)
     torch.backends.cudnn.benchmark = fast.cudnn_benchmark.on
-    forward, trained = _forward_modules(model, fast, precision, world, device)
+    forward, trained = fast_paths.forward_modules(model, fast.compile.on, fast.cuda_graphs.on, precision.autocast,
+                                                  wrap=lambda module: distributed.wrap(module, world, device))
     if fast.data_on_gpu.on:  # the same batches, made on the device
         train_loader, fast = _device_loader(data.train, cfg, device, world, train_loader, fast)
     optimizer = build_optimizer(model, plain(cfg.optimizer))
@@ -216,19 +216,6 @@ def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: 
         if device.type == "cuda":
             torch.cuda.empty_cache()
         distributed.stop(world)
-
-
-def _forward_modules(model, fast: fast_paths.FastPaths, precision, world, device):
-    """What evaluates (the model, or torch.compile's) and what trains: that, under DDP wrapped after
-    compiling (as PyTorch asks), or with CUDA graphs replaying its training passes."""
-    forward = model
-    if fast.compile.on:
-        fast_paths.share_compiled_code()
-        forward = torch.compile(model, mode="reduce-overhead" if fast.cuda_graphs.on else None)  # compile's own CUDA graphs
-    trained = distributed.wrap(forward, world, device)
-    if fast.cuda_graphs.on and not fast.compile.on:
-        trained = GraphedForward(trained, precision.autocast)
-    return forward, trained
 
 
 def _device_loader(dataset, cfg: DictConfig, device, world, cpu_loader, fast):

@@ -19,8 +19,9 @@ Compiled code is kept between runs: `share_compiled_code` turns on inductor's FX
 cache in one folder per user ($TORCHINDUCTOR_CACHE_DIR, else ~/.cache/rethink/inductor), so the jobs of a sweep
 (and later runs) that compile the same network at the same shapes load it instead of compiling it again.
 
-`choose(...)` gives every decision with its reason (one log line, and metrics.json). The rules are pure
-functions of plain values so that the CPU tests cover every branch.
+`choose(...)` gives every decision with its reason (one log line, and metrics.json); the rules are pure
+functions of plain values so that the CPU tests cover every branch. `forward_modules(...)` builds from the
+decisions the modules a run evaluates and trains with (fit and the benchmark both use it).
 """
 
 import os
@@ -28,9 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+from torch import nn
+
 from ..config import value
 from ..data.locations import user_cache_home
 from ..errors import UserError
+from .cuda_graphs import GraphedForward
 
 COMPILE_PAYS_AFTER_IMAGES = 2_000_000  # B0 224 px batch 256 on an H200 (issue 11): 63 s to compile, 5,118 -> 6,928 img/s
 GRAPHS_BATCH_MAX = 64  # B0 on an H200 (issue 12): 570 img/s at batch 16, 5,118 at 256: small batches wait on launches
@@ -156,3 +161,18 @@ def share_compiled_code() -> Path:
     if hasattr(torch._functorch.config, "enable_autograd_cache"):
         torch._functorch.config.enable_autograd_cache = True
     return folder
+
+
+def forward_modules(model: nn.Module, compiled: bool, graphs: bool, autocast: Callable,
+                    wrap: Callable[[nn.Module], nn.Module] = lambda module: module) -> tuple[nn.Module, nn.Module]:
+    """(what evaluates, what trains) for `model` with these fast paths: the model or torch.compile's (with
+    `graphs` too, compile's own CUDA graphs, mode="reduce-overhead"); what trains is that, passed through
+    `wrap` (DDP wraps after compiling, as PyTorch asks), with CUDA graphs replaying its training passes."""
+    forward = model
+    if compiled:
+        share_compiled_code()
+        forward = torch.compile(model, mode="reduce-overhead" if graphs else None)
+    trained = wrap(forward)
+    if graphs and not compiled:
+        trained = GraphedForward(trained, autocast)
+    return forward, trained
