@@ -4,14 +4,15 @@ Hydra composes conf/ (typed by rethink/config.py) with the command line; `-m` sw
 `-m ... --dry-run` lists a sweep's jobs without running them.
 """
 
+import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from rethink.config import register_configs
-from rethink.errors import one_line_errors
+from rethink.hydra_app import one_line_errors, register_configs
 from rethink.tasks import run_task
+from rethink.train.runtime import exit_on_signal
 
 register_configs()
 
@@ -22,6 +23,8 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # a run stopped by one saves first, then exits as here
+        signal.signal(stop_signal, exit_on_signal)
     with one_line_errors(sys.argv[1:]):
         if "--dry-run" in sys.argv:
             from rethink.tasks.sweep import list_jobs

@@ -1,6 +1,8 @@
 """Files written atomically: to a temporary file beside the target, then renamed over it, so a crash
 or a kill leaves the old file or the new one, never half of one, and readers never see a partial file."""
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,3 +37,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path: Path, data) -> None:
+    """Strict JSON (RFC 8259): a number that is not finite is written as null, never as a bare NaN."""
+    atomic_write_text(path, json.dumps(finite_or_null(data), indent=2, allow_nan=False) + "\n")
+
+
+def finite_or_null(data):
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: finite_or_null(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_null(v) for v in data]
+    return data

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from rethink.config import compose_config
 from rethink.errors import UserError
+from rethink.hydra_app import compose_config
 from rethink.tasks.benchmark import benchmark
 from rethink.tasks.benchmark_step import batch_size, variant_config
 
@@ -87,7 +87,7 @@ def test_a_run_out_of_memory_is_reported_and_the_others_go_on(tmp_path, monkeypa
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["benchmark.variants=[nosuch:1]"], r"benchmark.variants: 'nosuch:1': each setting is key:value with key one of channels_last, amp"),
+        (["benchmark.variants=[nosuch:1]"], r"benchmark.variants: 'nosuch:1': each setting is key:value with key one of amp, channels_last, compile"),
         (["benchmark.variants=[grad_accumulation:many]"], r"'grad_accumulation:many': trainer.grad_accumulation cannot be 'many'"),
         (["benchmark.variants=[grad_accumulation:0]"], r"'grad_accumulation:0': trainer.grad_accumulation=0: must be at least 1"),
         (["benchmark.variants=[grad_accumulation:3]"], r"benchmark \(ours\+grad_accumulation:3\): a batch of 4 images does not split"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rethink.config import CONF_DIR, compose_config
+from rethink.hydra_app import CONF_DIR, compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,11 @@ def test_every_stage_layout_composes_and_builds():
         model = "v2_" + layout.split("_")[1] if layout.startswith("v2_") else "b0"
         cfg = compose_config([f"model={model}", f"stages={layout}"])
         with torch.device("meta"):
-            build_model(cfg.model, 10)
+            model = build_model(cfg.model, 10)
+        assert len(model.stages) == len(cfg.model.stages), layout
+        built = [type(block).__name__ for stage in model.stages for block in stage]
+        wanted = [{"mbconv": "MBConv", "fused": "FusedMBConv"}[s.block] for s in model.spec.stages for _ in range(s.repeats)]
+        assert built == wanted and {s.block.value for s in cfg.model.stages} == {s.block for s in model.spec.stages}, layout
 
 
 def test_every_experiment_composes():

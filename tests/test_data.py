@@ -21,10 +21,17 @@ import rethink.data.cache
 import rethink.data.datasets
 import rethink.data.scan
 from rethink.config import DataConfig
-from rethink.data import build_data, load_image
-from rethink.data import flowers
+from rethink.data import build_data, flowers, load_image
 from rethink.data.download import safe_extract
-from rethink.data.splits import ManifestRow, assign_splits, check_fractions, part_sizes, read_manifest, stratified_split, write_manifest
+from rethink.data.splits import (
+    ManifestRow,
+    assign_splits,
+    check_fractions,
+    part_sizes,
+    read_manifest,
+    stratified_split,
+    write_manifest,
+)
 from rethink.errors import UserError
 
 MODEL = OmegaConf.create({"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})

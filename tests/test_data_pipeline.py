@@ -9,19 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets.cifar
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
-import torchvision.datasets.cifar
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from rethink.config import DataConfig, compose_config
+from rethink.config import DataConfig
 from rethink.data import batch_mixer, build_data, eval_transform, make_loader, normalize, set_epoch, train_transform
 from rethink.data.loaders import SeededSampler
 from rethink.data.synthetic import PATTERNS, generate_synthetic
 from rethink.data.transforms import RandAugment
 from rethink.errors import UserError
+from rethink.hydra_app import compose_config
 
 MODEL = OmegaConf.create({"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
 
@@ -74,7 +75,7 @@ def test_randaugment_beyond_level_10_widens_every_range_in_proportion_with_clamp
     assert at10["Solarize"] == at20["Solarize"] == 0  # threshold 0 already at 10
     # every op applies at level 20 on uint8 images, the darkening side of the colour ops clamped at factor 0.1
     ours, image = RandAugment(20), torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    for op, (fn, signed) in ours._AUGMENTATION_SPACE.items():
+    for op, (_, signed) in ours._AUGMENTATION_SPACE.items():
         for sign in (1, -1) if signed else (1,):
             out = ours._apply_image_or_video_transform(image, op, sign * at20.get(op, 0.0), "nearest", {torch.Tensor: None})
             assert out.dtype == torch.uint8 and out.shape == image.shape

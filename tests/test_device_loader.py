@@ -10,12 +10,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from rethink.config import DataConfig, compose_config
+from rethink.config import DataConfig
 from rethink.data import build_data, make_loader, set_epoch
 from rethink.data.device_loader import DeviceLoader, decode_all, device_bytes, stored_shapes
+from rethink.hydra_app import compose_config
 from rethink.tasks.train import train
 from rethink.train import fast_paths
-from test_train import TINY, scalars
 
 MODEL = OmegaConf.create({"train_size": 24, "eval_size": 24, "mean": [0.5] * 3, "std": [0.25] * 3})
 
@@ -81,27 +81,27 @@ def test_without_augmentation_the_batch_is_torchvisions_resize_and_centre_crop(t
         assert torch.equal(loader._images(torch.tensor([i]), seed=0)[0], data.train.transform(data.train.image(i)))
 
 
-def test_a_run_trains_from_device_resident_data_through_a_progressive_stage_change(tmp_path, monkeypatch):
+def test_a_run_trains_from_device_resident_data_through_a_progressive_stage_change(tmp_path, monkeypatch, scalars, tiny_overrides):
     monkeypatch.setattr(fast_paths, "data_on_gpu_choice", lambda *a: fast_paths.Choice(True, "test: on the CPU"))
     sizes = []
     resized = DeviceLoader.resized
     monkeypatch.setattr(DeviceLoader, "resized", lambda self, size: sizes.append(size) or resized(self, size))
     run = tmp_path / "run"
-    metrics = train(compose_config([*TINY, "progressive=v2", "progressive.stages=2", "progressive.min_size=16"]), run)
+    metrics = train(compose_config([*tiny_overrides, "progressive=v2", "progressive.stages=2", "progressive.min_size=16"]), run)
     assert metrics["data_on_gpu"] is True and json.loads((run / "metrics.json").read_text())["data_on_gpu"] is True
     assert scalars(run)["train/image_size"] == [(1, 24), (2, 32)]
     assert sizes == [24, 32]  # each stage's crops made by the device loader
 
 
-def test_images_that_do_not_fit_after_all_fall_back_to_the_cpu_loader(tmp_path, monkeypatch):
-    import rethink.tasks.train as train_task
+def test_images_that_do_not_fit_after_all_fall_back_to_the_cpu_loader(tmp_path, monkeypatch, tiny_overrides):
+    import rethink.train.fit as train_task
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(fast_paths, "data_on_gpu_choice", lambda *a: fast_paths.Choice(True, "test: on the CPU"))
     monkeypatch.setattr(train_task, "DeviceLoader", out_of_memory)
-    metrics = train(compose_config([*TINY, "trainer.epochs=1"]), tmp_path / "run")
+    metrics = train(compose_config([*tiny_overrides, "trainer.epochs=1"]), tmp_path / "run")
     assert metrics["data_on_gpu"] is False and metrics["epochs"] == 1
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from rethink.config import compose_config, validate
+from rethink.config import validate
 from rethink.errors import UserError
+from rethink.hydra_app import compose_config
 from rethink.tasks.train import train
 from rethink.train import fast_paths
 from rethink.train.cuda_graphs import MAX_CAPTURES, GraphedForward
@@ -18,8 +19,6 @@ from rethink.train.fast_paths import compile_choice, cuda_graphs_choice, cudnn_b
 from rethink.train.loop import Inputs, Learner
 from rethink.train.optim import build_optimizer, build_scheduler
 from rethink.train.runtime import Precision
-from test_train import TINY
-
 
 # --- what auto decides ---------------------------------------------------------------------------------
 
@@ -74,14 +73,14 @@ def test_data_on_gpu_auto_needs_a_gpu_the_batched_augmentation_and_room():
         data_on_gpu_choice(True, "cpu", "randaugment", unasked, None)
 
 
-def test_a_cpu_run_takes_no_fast_path_and_the_keys_take_only_auto_true_false():
-    cfg = compose_config(TINY)
+def test_a_cpu_run_takes_no_fast_path_and_the_keys_take_only_auto_true_false(tiny_overrides):
+    cfg = compose_config(tiny_overrides)
     fast = fast_paths.choose(cfg, "cpu", 1, steps_per_epoch=100, store_bytes=lambda: 1)
     assert fast.record() == {"compile": False, "cuda_graphs": False, "cudnn_benchmark": False, "data_on_gpu": False}
     assert "compile off (auto: not on a GPU)" in fast.line()
     for key in ("trainer.compile", "trainer.cuda_graphs", "trainer.cudnn_benchmark", "data.on_gpu"):
         with pytest.raises(UserError, match=re.escape(f"{key}=maybe: must be auto, true or false")):
-            validate(compose_config([*TINY, f"{key}=maybe"]))
+            validate(compose_config([*tiny_overrides, f"{key}=maybe"]))
 
 
 def test_compiled_code_is_cached_in_one_folder_every_job_shares(monkeypatch, tmp_path):
@@ -99,9 +98,9 @@ def test_compiled_code_is_cached_in_one_folder_every_job_shares(monkeypatch, tmp
         torch._inductor.config.fx_graph_cache = saved
 
 
-def test_cuda_graphs_true_on_the_cpu_is_refused_with_one_line_before_training(tmp_path):
+def test_cuda_graphs_true_on_the_cpu_is_refused_with_one_line_before_training(tmp_path, tiny_overrides):
     with pytest.raises(UserError, match=r"trainer\.cuda_graphs=true needs a CUDA device"):
-        train(compose_config([*TINY, "trainer.cuda_graphs=true"]), tmp_path / "run")
+        train(compose_config([*tiny_overrides, "trainer.cuda_graphs=true"]), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -211,11 +210,11 @@ def test_at_most_max_captures_then_eager():
     assert len(graphs.captures) == MAX_CAPTURES
 
 
-def test_a_run_with_cuda_graphs_captures_once_per_progressive_stage(tmp_path, monkeypatch):
+def test_a_run_with_cuda_graphs_captures_once_per_progressive_stage(tmp_path, monkeypatch, tiny_overrides):
     graphs = EagerGraphs()
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", graphs)
     monkeypatch.setattr(fast_paths, "cuda_graphs_choice", lambda *a: fast_paths.Choice(True, "test: on the CPU"))
-    metrics = train(compose_config([*TINY, "progressive=v2", "progressive.stages=2", "progressive.min_size=16",
+    metrics = train(compose_config([*tiny_overrides, "progressive=v2", "progressive.stages=2", "progressive.min_size=16",
                                     "trainer.epochs=4"]), tmp_path / "run")
     assert metrics["cuda_graphs"] is True
     assert graphs.captures == [(8, 3, 24, 24), (8, 3, 32, 32)]  # one per stage (24 px, then 32), none per batch

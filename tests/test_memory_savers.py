@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from rethink.config import compose_config
 from rethink.errors import UserError
+from rethink.hydra_app import compose_config
 from rethink.models import create_model
 from rethink.tasks.benchmark_step import saved_for_backward_mb
-from rethink.tasks.train import _batches_per_epoch, train
+from rethink.tasks.train import train
 from rethink.train.checkpoint import load_checkpoint
+from rethink.train.fit import batches_per_epoch
 from rethink.train.loop import EpochTotals, Inputs, Learner, train_epoch
 from rethink.train.optim import build_scheduler
 from rethink.train.runtime import Precision
@@ -96,11 +97,11 @@ def test_an_epoch_is_whole_groups_of_batches():
             return self.n
 
     trainer_cfg = compose_config(["trainer.grad_accumulation=4"]).trainer
-    assert _batches_per_epoch(Loader(10), trainer_cfg) == 8 and _batches_per_epoch(Loader(4), trainer_cfg) == 4
+    assert batches_per_epoch(Loader(10), trainer_cfg) == 8 and batches_per_epoch(Loader(4), trainer_cfg) == 4
     trainer_cfg.limit_train_batches = 7
-    assert _batches_per_epoch(Loader(10), trainer_cfg) == 4
+    assert batches_per_epoch(Loader(10), trainer_cfg) == 4
     with pytest.raises(UserError, match=r"trainer.grad_accumulation=4: an epoch has only 3 batches of data.batch_size=8"):
-        _batches_per_epoch(Loader(3), compose_config(["trainer.grad_accumulation=4"]).trainer)
+        batches_per_epoch(Loader(3), compose_config(["trainer.grad_accumulation=4"]).trainer)
 
 
 def test_training_with_accumulation_schedules_optimizer_steps(tmp_path):
@@ -116,7 +117,7 @@ def test_training_with_accumulation_schedules_optimizer_steps(tmp_path):
     assert metrics["train_img_s"] > 0 and state["history"][0]["lr"] == pytest.approx(0.01)
 
 
-def test_a_signal_mid_group_stops_after_it_and_the_resume_is_exact(tmp_path, monkeypatch):
+def test_a_signal_mid_group_stops_after_it_and_the_resume_is_exact(tmp_path, monkeypatch, stop_exits):
     import os
     import signal
 

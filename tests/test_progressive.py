@@ -12,13 +12,13 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from rethink.config import CONF_DIR, compose_config, validate
+from rethink.config import validate
 from rethink.errors import UserError
+from rethink.hydra_app import CONF_DIR, compose_config
 from rethink.tasks.train import train
 from rethink.train import progressive
 from rethink.train.checkpoint import load_checkpoint
 from rethink.train.progressive import ProgressiveLearning, stage_of, stage_settings, stage_size
-from test_train import scalars
 
 # A small network (b0's layout at width 0.25, one block per stage) at 32-64 px, one CPU thread.
 TINY = [
@@ -166,7 +166,7 @@ def staged_run(tmp_path_factory):
     return run_dir, seen
 
 
-def test_each_stage_trains_and_logs_its_size_and_regularisation(staged_run):
+def test_each_stage_trains_and_logs_its_size_and_regularisation(staged_run, scalars):
     run_dir, seen = staged_run
     assert [size for size, *_ in seen] == [40, 40, 48, 48, 56, 56, 64, 64]  # two batches per epoch
     assert [p for _, p, *_ in seen[::2]] == pytest.approx([0.1, 0.1 + 0.1 / 3, 0.1 + 0.2 / 3, 0.2])
@@ -185,7 +185,7 @@ def test_each_stage_trains_and_logs_its_size_and_regularisation(staged_run):
     assert hparams["progressive_sizes"] == "40->64" and hparams["progressive_randaug"] == "5->10"
 
 
-def test_resume_in_the_middle_of_a_stage_continues_its_schedule_exactly(staged_run, tmp_path, monkeypatch):
+def test_resume_in_the_middle_of_a_stage_continues_its_schedule_exactly(staged_run, tmp_path, monkeypatch, scalars, stop_exits):
     uninterrupted, _ = staged_run
     import rethink.train.loop as loop
 
@@ -212,7 +212,7 @@ def test_resume_in_the_middle_of_a_stage_continues_its_schedule_exactly(staged_r
     assert scalars(tmp_path)["train/image_size"] == [(1, 40), (2, 48), (3, 56), (4, 64)]
 
 
-def test_progressive_none_trains_bit_for_bit_as_before(tmp_path, monkeypatch):
+def test_progressive_none_trains_bit_for_bit_as_before(tmp_path, monkeypatch, scalars):
     base = ["trainer.epochs=2", "data.augment=randaugment", "data.mixup_alpha=0.4"]
     train(tiny(*base), tmp_path / "none")  # the default: progressive=none
 

@@ -3,6 +3,7 @@ never collide, refused runs that leave nothing, finished runs that are not train
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,18 +14,12 @@ import torch
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from rethink.config import compose_config
 from rethink.errors import UserError
+from rethink.hydra_app import compose_config
 from rethink.tasks.train import train
 from rethink.train.checkpoint import load_checkpoint
-from test_train import ROOT, TINY, scalars, tiny
 
-RUN = [sys.executable, str(ROOT / "run.py")]
-UNSEEDED = [a for a in TINY if not a.startswith("seed=")]
-
-
-def run_py(*args, cwd=ROOT, **kwargs):
-    return subprocess.run([*RUN, *args], cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def hparams_of(run_dir: Path) -> dict:
@@ -65,7 +60,7 @@ def signal_at_step(monkeypatch, step: int) -> None:
 # --- numbers you can trust (issue 14) ---
 
 
-def test_a_resume_after_a_signal_mid_epoch_trains_exactly_what_an_uninterrupted_run_does(tmp_path, monkeypatch):
+def test_a_resume_after_a_signal_mid_epoch_trains_exactly_what_an_uninterrupted_run_does(tmp_path, monkeypatch, tiny, stop_exits):
     # dropout and drop path are on (B0's defaults): the resumed batches must draw what they would have drawn
     settings = ("trainer.epochs=2", "trainer.limit_train_batches=5")
     whole = train(tiny(*settings), tmp_path / "whole")
@@ -82,7 +77,7 @@ def test_a_resume_after_a_signal_mid_epoch_trains_exactly_what_an_uninterrupted_
     assert resumed["test_acc"] == whole["test_acc"]
 
 
-def test_the_logged_lr_is_the_one_each_epoch_trained_with(tmp_path):
+def test_the_logged_lr_is_the_one_each_epoch_trained_with(tmp_path, scalars, tiny):
     train(tiny("trainer.epochs=3", "scheduler=study_cosine", "scheduler.warmup_epochs=0", "optimizer.lr=0.01"), tmp_path)
     expected = [0.01, 0.01 * (0.99 * 0.75 + 0.01), 0.01 * (0.99 * 0.25 + 0.01)]  # (1 + cos(pi e / 3)) / 2 = 1, 0.75, 0.25
     history = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["history"]
@@ -90,7 +85,7 @@ def test_the_logged_lr_is_the_one_each_epoch_trained_with(tmp_path):
     assert [v for _, v in scalars(tmp_path)["lr"]] == pytest.approx(expected)
 
 
-def test_hparams_tell_apart_runs_that_change_a_stage(tmp_path):
+def test_hparams_tell_apart_runs_that_change_a_stage(tmp_path, tiny):
     train(tiny("trainer.epochs=1", "trainer.limit_train_batches=1"), tmp_path / "plain")
     train(tiny("trainer.epochs=1", "trainer.limit_train_batches=1", "model.stages.1.kernel=5", "model.stages.1.expand=4"), tmp_path / "edited")
     plain, edited = hparams_of(tmp_path / "plain"), hparams_of(tmp_path / "edited")
@@ -100,18 +95,27 @@ def test_hparams_tell_apart_runs_that_change_a_stage(tmp_path):
     assert edited["stages"].endswith("+edits")
 
 
-def test_peak_memory_on_the_cpu_is_this_runs_not_the_processes(tmp_path):
-    from rethink.train.runtime import peak_memory_mb, reset_memory_stats
+PEAK_AFTER_RESET = """
+import torch
+from rethink.train.runtime import peak_memory_mb, reset_memory_stats
+cpu = torch.device("cpu")
+big = torch.ones(400 * 2**20 // 4)  # 400 MB
+big.add_(1)
+del big
+before, kind = peak_memory_mb(cpu)
+reset_memory_stats(cpu)
+after, _ = peak_memory_mb(cpu)
+print(kind, before, after)
+"""
 
-    cpu = torch.device("cpu")
-    big = torch.ones(400 * 2**20 // 4)  # 400 MB
-    del big
-    before, kind = peak_memory_mb(cpu)
+
+def test_peak_memory_on_the_cpu_is_this_runs_not_the_processes():
+    """In a process of its own: the peak of a process that earlier tests made large would hide the 400 MB."""
+    out = subprocess.run([sys.executable, "-c", PEAK_AFTER_RESET], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    kind, before, after = out.stdout.split()
     if kind == "process_rss_lifetime":
         pytest.skip("this system cannot reset a process's peak memory (no /proc/self/clear_refs)")
-    reset_memory_stats(cpu)
-    after, _ = peak_memory_mb(cpu)
-    assert after < before - 300
+    assert float(after) < float(before) - 300
 
 
 def test_a_step_the_gradient_scaler_skips_moves_neither_the_schedule_nor_the_ema():
@@ -140,8 +144,8 @@ def test_a_step_the_gradient_scaler_skips_moves_neither_the_schedule_nor_the_ema
     assert scheduler.last_epoch == 1 and int(ema.n_averaged) == 1
 
 
-def test_a_signal_during_the_last_validation_stops_the_run_and_the_resume_completes_it(tmp_path, monkeypatch):
-    import rethink.tasks.train as train_task
+def test_a_signal_during_the_last_validation_stops_the_run_and_the_resume_completes_it(tmp_path, monkeypatch, scalars, tiny, stop_exits):
+    import rethink.train.fit as train_task
 
     real, calls = train_task.evaluate, {"n": 0}
 
@@ -163,8 +167,8 @@ def test_a_signal_during_the_last_validation_stops_the_run_and_the_resume_comple
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 8  # 2 epochs x 4 steps
 
 
-def test_a_signal_during_the_test_pass_stops_the_run_and_the_resume_only_scores_it(tmp_path, monkeypatch):
-    import rethink.tasks.train as train_task
+def test_a_signal_during_the_test_pass_stops_the_run_and_the_resume_only_scores_it(tmp_path, monkeypatch, scalars, tiny, stop_exits):
+    import rethink.train.fit as train_task
 
     real, calls = train_task.evaluate, {"n": 0}
 
@@ -187,9 +191,9 @@ def test_a_signal_during_the_test_pass_stops_the_run_and_the_resume_only_scores_
 # --- run folders (issue 15) ---
 
 
-def test_runs_started_together_each_get_their_own_folder(tmp_path):
-    args = [*UNSEEDED, "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.image_grid=false"]
-    runs = [subprocess.Popen([*RUN, *args, f"seed={s}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_runs_started_together_each_get_their_own_folder(tmp_path, run_command, unseeded):
+    args = [*unseeded, "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.image_grid=false"]
+    runs = [subprocess.Popen([*run_command, *args, f"seed={s}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for s in range(3)]
     outputs = [p.communicate(timeout=600) for p in runs]
     assert [p.returncode for p in runs] == [0, 0, 0], [err[-1500:] for _, err in outputs]
@@ -200,21 +204,23 @@ def test_runs_started_together_each_get_their_own_folder(tmp_path):
         assert f"seed={seed}" in (folder / ".hydra" / "overrides.yaml").read_text()
         assert len(list(folder.glob("events.out.tfevents.*"))) == 1
         assert (folder / "run.log").read_text().count("test acc") == 1
-    assert {f"run directory: {f}" in out for f in folders for out, _ in outputs} >= {True}
+    printed = [re.findall(r"^run directory: (.+)$", out, flags=re.M) for out, _ in outputs]
+    assert [len(lines) for lines in printed] == [1, 1, 1]  # each run says where it landed, once
+    assert sorted(Path(lines[0]).resolve() for lines in printed) == [f.resolve() for f in folders]
 
 
 def test_a_folder_name_is_claimed_atomically_across_processes(tmp_path):
-    claim = "import sys; from rethink.rundir import claim; print(claim(sys.argv[1]))"
+    claim = "import sys; from rethink.rundir import FOLDERS; print(FOLDERS.claim(sys.argv[1]))"
     target = str(tmp_path / "outputs" / "train" / "day" / "12-00-00")
     runs = [subprocess.Popen([sys.executable, "-c", claim, target], cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)]
     claimed = [p.communicate(timeout=120)[0].strip() for p in runs]
     assert sorted(claimed) == [target, f"{target}-1", f"{target}-2", f"{target}-3"]
 
 
-def test_a_finished_run_is_not_trained_again_but_can_be_continued(tmp_path):
+def test_a_finished_run_is_not_trained_again_but_can_be_continued(tmp_path, scalars, tiny, tiny_overrides):
     train(tiny("trainer.epochs=1"), tmp_path)
-    without_epochs = [a for a in TINY if not a.startswith("trainer.epochs")]  # the run's own trainer.epochs
-    for command_line in ([*TINY, "trainer.epochs=1"], without_epochs):
+    without_epochs = [a for a in tiny_overrides if not a.startswith("trainer.epochs")]  # the run's own trainer.epochs
+    for command_line in ([*tiny_overrides, "trainer.epochs=1"], without_epochs):
         with pytest.raises(UserError, match="already trained 1 epochs.*raise trainer.epochs"):
             train(compose_config([*command_line, f"resume={tmp_path}"]), tmp_path / "x")
     train(tiny("trainer.epochs=2", f"resume={tmp_path}"), tmp_path / "x")
@@ -228,8 +234,8 @@ def test_a_finished_run_is_not_trained_again_but_can_be_continued(tmp_path):
     assert json.loads((tmp_path / "metrics.epoch1.json").read_text())["epochs"] == 1
 
 
-def test_eval_into_a_training_run_folder_keeps_the_training_record(tmp_path):
-    base = [*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
+def test_eval_into_a_training_run_folder_keeps_the_training_record(tmp_path, run_py, tiny_overrides):
+    base = [*tiny_overrides, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
     assert run_py(*base).returncode == 0
     record = {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir() if p.is_file()}
     evaluated = run_py("task=eval", f"ckpt={tmp_path}", f"hydra.run.dir={tmp_path}", "trainer.device=cpu")
@@ -244,15 +250,15 @@ def test_eval_into_a_training_run_folder_keeps_the_training_record(tmp_path):
     ["task=eval"],
     ["model.pretrained=/nonexistent.pt"],
 ])
-def test_a_refused_run_leaves_no_folder(tmp_path, mistake):
-    result = run_py(*TINY, *mistake, cwd=tmp_path)
+def test_a_refused_run_leaves_no_folder(tmp_path, mistake, run_py, tiny_overrides):
+    result = run_py(*tiny_overrides, *mistake, cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: "), result.stderr[-2000:]
     assert "[ERROR]" not in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("outputs/*/*/*")), list(tmp_path.glob("outputs/**"))
 
 
-def test_a_refused_resume_leaves_the_run_untouched(tmp_path):
-    base = [*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
+def test_a_refused_resume_leaves_the_run_untouched(tmp_path, run_py, tiny_overrides):
+    base = [*tiny_overrides, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
     assert run_py(*base).returncode == 0
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     log = (tmp_path / "run.log").read_text()
@@ -264,7 +270,7 @@ def test_a_refused_resume_leaves_the_run_untouched(tmp_path):
     assert "model: b0 -> v2_s" in result.stderr and len(result.stderr) < 800
 
 
-def test_a_sweep_lists_its_jobs_without_running_them_and_names_them_by_what_it_sweeps(tmp_path):
+def test_a_sweep_lists_its_jobs_without_running_them_and_names_them_by_what_it_sweeps(tmp_path, run_py):
     listed = run_py("-m", "model=b0,v2_s", "model.stages.3.block=mbconv,fused", "seed=0", "--dry-run", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert "#3 3_v2_s_stages.3.block=fused: model=v2_s model.stages.3.block=fused seed=0" in listed.stdout
@@ -273,8 +279,8 @@ def test_a_sweep_lists_its_jobs_without_running_them_and_names_them_by_what_it_s
     assert experiment.returncode == 0 and "10 job(s)" in experiment.stdout, experiment.stdout + experiment.stderr
 
 
-def test_a_sweep_experiment_without_m_runs_as_a_sweep(tmp_path):
-    result = run_py("experiment=shallow_fusion", *UNSEEDED, "model.stages.3.block=fused", "seed=0",
+def test_a_sweep_experiment_without_m_runs_as_a_sweep(tmp_path, run_py, unseeded):
+    result = run_py("experiment=shallow_fusion", *unseeded, "model.stages.3.block=fused", "seed=0",
                     "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (tmp_path / "outputs" / "train").exists()
@@ -283,11 +289,9 @@ def test_a_sweep_experiment_without_m_runs_as_a_sweep(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers_saves_and_the_resume_completes(tmp_path):
-    from test_train import wait_for_checkpoint_writes
-
-    args = [*TINY, "data.num_workers=2", "trainer.epochs=4", "trainer.limit_train_batches=null", f"hydra.run.dir={tmp_path}"]
-    process = subprocess.Popen([*RUN, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_the_resume_completes(tmp_path, run_command, run_py, scalars, tiny_overrides, wait_for_checkpoint_writes):
+    args = [*tiny_overrides, "data.num_workers=2", "trainer.epochs=4", "trainer.limit_train_batches=null", f"hydra.run.dir={tmp_path}"]
+    process = subprocess.Popen([*run_command, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     wait_for_checkpoint_writes(tmp_path / "checkpoints" / "last.pt", process, writes=1)
     for _ in range(2):  # as `timeout` does: the process, then its whole group (the loader workers too)

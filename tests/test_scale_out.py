@@ -8,17 +8,20 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from rethink.train.checkpoint import load_checkpoint
-from test_runs import RUN, UNSEEDED, run_py
-from test_train import ROOT, scalars
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs the launchers extra (pip install -e '.[dev]')")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the launchers extra (pip install -e '.[dev]')")
 
-SHORT = [*UNSEEDED, "trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.image_grid=false"]
+@pytest.fixture
+def short(unseeded):
+    return [*unseeded, "trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.image_grid=false"]
 
 
 def run_times(run_log: str) -> tuple[str, str]:
@@ -27,8 +30,8 @@ def run_times(run_log: str) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_a_joblib_sweep_runs_its_jobs_in_parallel_processes_with_loader_workers(tmp_path):
-    result = run_py("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *SHORT, "data.num_workers=1",
+def test_a_joblib_sweep_runs_its_jobs_in_parallel_processes_with_loader_workers(tmp_path, run_py, short):
+    result = run_py("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *short, "data.num_workers=1",
                     "trainer.limit_train_batches=6", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(tmp_path.glob("*_b0_seed=*"))
@@ -41,8 +44,8 @@ def test_a_joblib_sweep_runs_its_jobs_in_parallel_processes_with_loader_workers(
 
 
 @pytest.mark.slow
-def test_a_submitit_local_sweep_of_two_jobs_finishes(tmp_path):
-    result = run_py("-m", "hydra/launcher=submitit_local", "resume=auto", "seed=0,1", *SHORT, f"hydra.sweep.dir={tmp_path}")
+def test_a_submitit_local_sweep_of_two_jobs_finishes(tmp_path, run_py, short):
+    result = run_py("-m", "hydra/launcher=submitit_local", "resume=auto", "seed=0,1", *short, f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0_b0_seed=0", "1_b0_seed=1"):
         assert json.loads((tmp_path / job / "metrics.json").read_text())["epochs"] == 1
@@ -50,12 +53,10 @@ def test_a_submitit_local_sweep_of_two_jobs_finishes(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_rerun_with_resume_auto_continues_each_job_from_its_checkpoint(tmp_path):
-    from test_train import wait_for_checkpoint_writes
-
-    args = ["-m", "resume=auto", "seed=0,1", *UNSEEDED, "trainer.epochs=3", "trainer.limit_train_batches=3",
+def test_a_killed_sweep_rerun_with_resume_auto_continues_each_job_from_its_checkpoint(tmp_path, run_command, run_py, scalars, unseeded, wait_for_checkpoint_writes):
+    args = ["-m", "resume=auto", "seed=0,1", *unseeded, "trainer.epochs=3", "trainer.limit_train_batches=3",
             "trainer.limit_val_batches=1", "trainer.image_grid=false", f"hydra.sweep.dir={tmp_path}"]
-    sweep = subprocess.Popen([*RUN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    sweep = subprocess.Popen([*run_command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_for_checkpoint_writes(tmp_path / "0_b0_seed=0" / "checkpoints" / "last.pt", sweep, writes=1)
     os.killpg(sweep.pid, signal.SIGKILL)  # a node lost: nothing gets to save
     sweep.communicate()
@@ -72,7 +73,9 @@ def test_a_killed_sweep_rerun_with_resume_auto_continues_each_job_from_its_check
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "run.py")]
-DDP = [*UNSEEDED, "seed=3", "data.batch_size=4", "trainer.limit_train_batches=null", "trainer.limit_val_batches=null",
+@pytest.fixture
+def ddp(unseeded):
+    return [*unseeded, "seed=3", "data.batch_size=4", "trainer.limit_train_batches=null", "trainer.limit_val_batches=null",
        "trainer.image_grid=false", "trainer.cpu_threads=1"]
 
 
@@ -85,8 +88,8 @@ def train_images(run_dir) -> int:
 
 
 @pytest.mark.slow
-def test_ddp_under_torchrun_trains_one_run_as_one_process_with_the_global_batch_would(tmp_path):
-    result = torchrun(*DDP, "trainer.epochs=2", f"hydra.run.dir={tmp_path}")
+def test_ddp_under_torchrun_trains_one_run_as_one_process_with_the_global_batch_would(tmp_path, ddp, run_py, scalars):
+    result = torchrun(*ddp, "trainer.epochs=2", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1 and len(list(tmp_path.glob("*.json"))) == 2  # metrics, classes
     assert (tmp_path / "run.log").read_text().count("epoch 2/2") == 1  # rank 0 alone logs
@@ -99,16 +102,20 @@ def test_ddp_under_torchrun_trains_one_run_as_one_process_with_the_global_batch_
     evaluated = run_py("task=eval", f"ckpt={tmp_path}", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["test_acc"] == metrics["test_acc"]
+    # the last epoch's logged val scores are those of the model last.pt saved (rank 0's BatchNorm statistics)
+    last = run_py("task=eval", f"ckpt={tmp_path / 'checkpoints' / 'last.pt'}", "eval.split=val", "trainer.device=cpu",
+                  f"hydra.run.dir={tmp_path / 'eval_last'}")
+    assert last.returncode == 0, last.stderr[-3000:]
+    scored, logged = json.loads((tmp_path / "eval_last" / "eval.json").read_text()), scalars(tmp_path)
+    assert logged["val/acc"][-1][1] == pytest.approx(scored["val_acc"]) and logged["val/loss"][-1][1] == pytest.approx(scored["val_loss"], rel=1e-4)
 
 
 @pytest.mark.slow
-def test_sigterm_under_torchrun_stops_every_process_at_one_step_and_the_resume_completes(tmp_path):
+def test_sigterm_under_torchrun_stops_every_process_at_one_step_and_the_resume_completes(tmp_path, ddp, scalars, wait_for_checkpoint_writes):
     """With progressive learning too: every rank rebuilds its loader (workers) at the stage change, and the
     resume, wherever the signal fell, trains each epoch at its stage's size."""
-    from test_train import wait_for_checkpoint_writes
-
     progressive = ["progressive=v2", "progressive.stages=2", "progressive.min_size=16"]  # 24 px, then 32
-    args = [*DDP, *progressive, "trainer.epochs=4", "data.num_workers=1", f"hydra.run.dir={tmp_path}"]
+    args = [*ddp, *progressive, "trainer.epochs=4", "data.num_workers=1", f"hydra.run.dir={tmp_path}"]
     process = subprocess.Popen([*TORCHRUN, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     wait_for_checkpoint_writes(tmp_path / "checkpoints" / "last.pt", process, writes=1)
@@ -125,8 +132,8 @@ def test_sigterm_under_torchrun_stops_every_process_at_one_step_and_the_resume_c
     assert "progressive learning: stage 2/2 (epochs 3-4): 32 px" in (tmp_path / "run.log").read_text()
 
 
-def test_a_sweep_under_torchrun_is_refused_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "seed=0,1", *SHORT], cwd=tmp_path, capture_output=True,
+def test_a_sweep_under_torchrun_is_refused_with_one_line(tmp_path, short):
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "seed=0,1", *short], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     assert result.returncode == 1 and "cannot run under torchrun" in result.stderr.splitlines()[-1], result.stderr[-2000:]
     assert not (tmp_path / "outputs").exists()

@@ -1,13 +1,11 @@
 """task=train on the CPU at 32 px with synthetic data: files, scalars, checkpoints, resume, failures."""
 
-import glob
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,36 +13,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginAccumulator
 
-from rethink.config import compose_config
 from rethink.errors import UserError
+from rethink.hydra_app import compose_config
 from rethink.tasks.train import train
 from rethink.train.checkpoint import load_checkpoint
 from rethink.train.optim import RMSpropTF, lr_factor
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parent.parent
-TINY = [
-    "data=synthetic", "data.images_per_class=40", "data.image_size=40", "data.num_workers=0", "data.batch_size=8",
-    "model.train_size=32", "model.eval_size=32", "trainer.device=cpu", "trainer.epochs=2",
-    "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "seed=3",
-]
-
-
-def tiny(*overrides: str):
-    return compose_config([*TINY, *overrides])
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    found = {}
-    for path in sorted(glob.glob(f"{run_dir}/events.out.tfevents*")):
-        acc = EventAccumulator(path)
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            found.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return found
-
-
-def test_a_short_run_leaves_every_file_and_scalar(tmp_path):
+def test_a_short_run_leaves_every_file_and_scalar(tmp_path, scalars, tiny):
     metrics = train(tiny(), tmp_path)
     for name in ["metrics.json", "classes.json", "checkpoints/last.pt", "checkpoints/best.pt"]:
         assert (tmp_path / name).is_file(), name
@@ -71,10 +48,13 @@ def test_a_short_run_leaves_every_file_and_scalar(tmp_path):
     assert ckpt["config"]["model"]["name"] == "b0"
 
 
-def test_same_seed_same_loss_curve(tmp_path):
+def test_same_seed_same_loss_curve(tmp_path, tiny):
     first = train(tiny("trainer.epochs=1"), tmp_path / "a")
     second = train(tiny("trainer.epochs=1"), tmp_path / "b")
-    curve = lambda run: load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["history"]
+
+    def curve(run):
+        return load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["history"]
+
     assert [r["train_loss"] for r in curve("a")] == [r["train_loss"] for r in curve("b")]
     assert first["test_acc"] == second["test_acc"]
     third = train(tiny("trainer.epochs=1", "seed=4"), tmp_path / "c")
@@ -82,7 +62,7 @@ def test_same_seed_same_loss_curve(tmp_path):
     del third
 
 
-def test_freeze_backbone_trains_only_the_head_from_a_pretrained_file(tmp_path):
+def test_freeze_backbone_trains_only_the_head_from_a_pretrained_file(tmp_path, tiny):
     from rethink.models import create_model
 
     source = create_model("b0", 4)
@@ -94,14 +74,14 @@ def test_freeze_backbone_trains_only_the_head_from_a_pretrained_file(tmp_path):
     assert changed == {"classifier.weight", "classifier.bias"}
 
 
-def test_ema_is_evaluated_and_checkpointed(tmp_path):
+def test_ema_is_evaluated_and_checkpointed(tmp_path, scalars, tiny):
     train(tiny("trainer.ema=true", "trainer.ema_decay=0.5"), tmp_path)
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["ema"] is not None and ckpt["ema_updates"] == 8
     assert "val_ema/acc" in scalars(tmp_path)
 
 
-def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tiny):
     import rethink.train.loop as loop
 
     real = loop.F.cross_entropy
@@ -128,14 +108,14 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_pa
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_a_used_run_directory_is_not_overwritten(tmp_path):
+def test_a_used_run_directory_is_not_overwritten(tmp_path, tiny):
     train(tiny("trainer.epochs=1"), tmp_path)
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny("trainer.epochs=1"), tmp_path)
 
 
-def test_the_command_line_cannot_overwrite_a_runs_record(tmp_path):
-    base = [*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
+def test_the_command_line_cannot_overwrite_a_runs_record(tmp_path, tiny_overrides):
+    base = [*tiny_overrides, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
     assert subprocess.run([sys.executable, str(ROOT / "run.py"), *base], cwd=ROOT, capture_output=True).returncode == 0
     record = {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()}
     again = subprocess.run([sys.executable, str(ROOT / "run.py"), *base, "optimizer.lr=0.5"], cwd=ROOT, capture_output=True, text=True)
@@ -143,7 +123,7 @@ def test_the_command_line_cannot_overwrite_a_runs_record(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()} == record
 
 
-def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path):
+def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path, tiny_overrides):
     from PIL import Image
 
     data = tmp_path / "photos"
@@ -155,11 +135,11 @@ def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path):
     for i in range(12):
         add("cat", i), add("dog", i)
     folder = ["data=folder", f"data.root={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=4"]
-    first = compose_config([*TINY, *folder, "trainer.epochs=1", "trainer.limit_train_batches=null"])
+    first = compose_config([*tiny_overrides, *folder, "trainer.epochs=1", "trainer.limit_train_batches=null"])
     train(first, tmp_path / "run")
     split = (tmp_path / "run" / "splits.csv").read_text()
     add("cat", 12)  # one more file reshuffles a recomputed split of its class
-    resumed = compose_config([*TINY, *folder, "trainer.epochs=2", "trainer.limit_train_batches=null", f"resume={tmp_path / 'run'}"])
+    resumed = compose_config([*tiny_overrides, *folder, "trainer.epochs=2", "trainer.limit_train_batches=null", f"resume={tmp_path / 'run'}"])
     train(resumed, tmp_path / "ignored")
     assert (tmp_path / "run" / "splits.csv").read_text() == split
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
@@ -167,32 +147,18 @@ def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path):
         add("dog", i)
     (tmp_path / "run" / "splits.csv").unlink()  # without the run's split, the data set is split anew
     with pytest.raises(UserError, match="steps, the run had"):
-        train(compose_config([*TINY, *folder, "trainer.epochs=3", "trainer.limit_train_batches=null", f"resume={tmp_path / 'run'}"]), tmp_path / "x")
+        train(compose_config([*tiny_overrides, *folder, "trainer.epochs=3", "trainer.limit_train_batches=null", f"resume={tmp_path / 'run'}"]), tmp_path / "x")
 
 
-def run_py(*args, **kwargs):
+def start_run_py(*args, **kwargs):
     return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def wait_for_checkpoint_writes(path: Path, process, writes: int, timeout: float = 240) -> None:
-    seen, last = 0, None
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if path.exists():
-            stamp = path.stat().st_mtime_ns
-            if stamp != last:
-                seen, last = seen + 1, stamp
-                if seen >= writes:
-                    return
-        time.sleep(0.05)
-    raise AssertionError(f"{path} was not written {writes} times: {process.stdout.read() if process.poll() is not None else ''}")
-
-
 @pytest.mark.slow
-def test_resume_after_kill_9_ends_at_the_asked_epochs_with_one_point_per_epoch(tmp_path):
-    args = [*TINY, "trainer.epochs=5", "trainer.limit_train_batches=6", f"hydra.run.dir={tmp_path}"]
-    process = run_py(*args)
+def test_resume_after_kill_9_ends_at_the_asked_epochs_with_one_point_per_epoch(tmp_path, scalars, tiny_overrides, wait_for_checkpoint_writes):
+    args = [*tiny_overrides, "trainer.epochs=5", "trainer.limit_train_batches=6", f"hydra.run.dir={tmp_path}"]
+    process = start_run_py(*args)
     wait_for_checkpoint_writes(tmp_path / "checkpoints" / "last.pt", process, writes=2)
     process.kill()
     process.wait()
@@ -207,7 +173,7 @@ def test_resume_after_kill_9_ends_at_the_asked_epochs_with_one_point_per_epoch(t
     assert list((tmp_path / ".hydra").glob("resumed-*/config.yaml"))
 
 
-def test_sigterm_saves_mid_epoch_and_resume_finishes_the_epoch(tmp_path, monkeypatch):
+def test_sigterm_saves_mid_epoch_and_resume_finishes_the_epoch(tmp_path, monkeypatch, scalars, tiny, stop_exits):
     import rethink.train.loop as loop
 
     real_step, steps = loop.Learner.step, {"n": 0}
@@ -235,8 +201,8 @@ def test_sigterm_saves_mid_epoch_and_resume_finishes_the_epoch(tmp_path, monkeyp
     assert [round(r["epoch"]) for r in history] == [1, 2, 3]
 
 
-def test_resume_refuses_to_change_what_the_run_is(tmp_path):
-    base = [*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
+def test_resume_refuses_to_change_what_the_run_is(tmp_path, tiny_overrides):
+    base = [*tiny_overrides, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
     assert subprocess.run([sys.executable, str(ROOT / "run.py"), *base], cwd=ROOT, capture_output=True).returncode == 0
     changed = subprocess.run([sys.executable, str(ROOT / "run.py"), *base, "optimizer.lr=0.5", f"resume={tmp_path}"],
                              cwd=ROOT, capture_output=True, text=True)
@@ -247,10 +213,10 @@ def test_resume_refuses_to_change_what_the_run_is(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_over_all_eleven_models(tmp_path):
+def test_sweep_over_all_eleven_models(tmp_path, scalars, tiny_overrides):
     models = "b0,b1,b2,b3,b4,b5,b6,b7,v2_s,v2_m,v2_l"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "-m", f"model={models}", *TINY, "trainer.epochs=1", "trainer.limit_train_batches=2",
+        [sys.executable, str(ROOT / "run.py"), "-m", f"model={models}", *tiny_overrides, "trainer.epochs=1", "trainer.limit_train_batches=2",
          "trainer.limit_val_batches=1", "data.batch_size=4", "trainer.image_grid=false", f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=1500,
     )
@@ -266,9 +232,9 @@ def test_sweep_over_all_eleven_models(tmp_path):
     assert params["b0"] == 4_012_672 and params["v2_l"] == 117_239_396  # 4-class heads
 
 
-def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, tiny_overrides):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "-m", "model.pretrained=/nonexistent.pt,false", *TINY, "trainer.epochs=1",
+        [sys.executable, str(ROOT / "run.py"), "-m", "model.pretrained=/nonexistent.pt,false", *tiny_overrides, "trainer.epochs=1",
          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode != 0
@@ -309,7 +275,7 @@ def test_schedules():
 
 @requires_cuda
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_amp_training_on_gpu(tmp_path, amp):
+def test_amp_training_on_gpu(tmp_path, amp, tiny):
     metrics = train(tiny(f"trainer.amp={amp}", "trainer.device=cuda"), tmp_path)
     assert metrics["precision"] == amp and math.isfinite(metrics["final_train_loss"])
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")

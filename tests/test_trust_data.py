@@ -21,10 +21,11 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import rethink.tasks.predict
-from rethink.config import DataConfig, compose_config
-from rethink.data import build_data, make_loader, set_epoch
-from rethink.data import images, scan, splits, transforms
+import rethink.tasks.restore
+from rethink.config import DataConfig
+from rethink.data import build_data, images, make_loader, scan, set_epoch, splits, transforms
 from rethink.errors import UserError
+from rethink.hydra_app import compose_config
 
 MODEL = OmegaConf.create({"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
 
@@ -225,7 +226,7 @@ def test_predict_feeds_the_model_exactly_what_validation_does(tmp_path, monkeypa
             seen.extend(batch)
             return torch.zeros(len(batch), 2)
 
-    restored = rethink.tasks.Restored(cfg, [], Recorder(), lambda batch: batch, SimpleNamespace(autocast=contextlib.nullcontext))
+    restored = rethink.tasks.restore.Restored(cfg, [], Recorder(), lambda batch: batch, SimpleNamespace(autocast=contextlib.nullcontext))
     monkeypatch.setattr(rethink.tasks.predict, "load_checkpoint", lambda path: {"classes": ["apple", "banana"]})
     monkeypatch.setattr(rethink.tasks.predict, "restore", lambda state, cfg, use_ema: restored)
     files = [root / path for path in bundle.val.paths + bundle.test.paths]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rethink.config import compose_config
 from rethink.errors import UserError
+from rethink.hydra_app import compose_config
 from rethink.tasks.evaluate import evaluate
 from rethink.tasks.export import export
 from rethink.tasks.predict import predict

@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import Dataset
 
 from ..config import value
+from ..environment import cache_dir, data_root
 from ..errors import UserError
 from .cache import ImageCache
 from .datasets import TensorImages
@@ -31,10 +32,18 @@ from .flowers import locate_flowers
 from .folder import Listing, list_folder
 from .images import load_image
 from .loaders import make_loader, set_epoch
-from .locations import cache_dir, data_root
 from .preprocess import describe_eval_preprocessing, eval_images, file_images
 from .scan import scan_images
-from .splits import SPLITS, ManifestRow, assign_splits, check_fractions, copies_across_splits, manifest_rows, read_manifest, write_manifest
+from .splits import (
+    SPLITS,
+    ManifestRow,
+    assign_splits,
+    check_fractions,
+    copies_across_splits,
+    manifest_rows,
+    read_manifest,
+    write_manifest,
+)
 from .synthetic import generate_synthetic
 from .torchvision_sets import CIFAR, cifar_tensors, flowers102_listing
 from .transforms import batch_mixer, eval_transform, normalize, stored_size, train_transform
@@ -198,6 +207,9 @@ def _require_training_images(root: Path, classes: list[str], labels: list[int], 
         empty = next((name for k, name in enumerate(classes) if count[k] == 0), None)
         if empty is not None:
             raise UserError(f"data.root={root}: class {empty!r} has {why}; add images to it or remove its folder")
+    if len(classes) < 2:
+        raise UserError(f"data.root={root}: holds one class folder ({classes[0]}/); a classifier needs at least 2, "
+                        "one folder of images per class")
 
 
 def _tensor_bundle(classes: list[str], images: torch.Tensor, labels: list[int], paths: list[str], splits: list[str], model_cfg, data_cfg) -> DataBundle:

@@ -1,6 +1,7 @@
 """On-disk caches under `data.cache_dir`: decoded images, and what a scan found.
 
-Decoded images are keyed by the file's content hash and the shorter side they were decoded to, so one
+Decoded images are keyed by the file's content hash, the shorter side they were decoded to and the decoder
+(images.DECODER: a new decode or Pillow gets fresh entries), so one
 entry serves every epoch, every job of a sweep and every copy of the same file. The cache only
 remembers what the decode returned, bit for bit: a run gets the same pixels with it or without it.
 Every write goes to a temporary file that is then renamed, so concurrent loader workers and jobs never
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_bytes
+from .images import DECODER
 
 log = logging.getLogger("rethink")
 
@@ -46,7 +48,8 @@ class ImageCache:
         self.writable = True
 
     def folder(self, shorter_side: int) -> Path:
-        return self.directory / f"side{shorter_side}"
+        """One folder per shorter side and decoder: an entry another decoder made is never read back as this one's."""
+        return self.directory / f"side{shorter_side}-{DECODER}"
 
     def entry(self, digest: str, shorter_side: int) -> Path:
         return self.folder(shorter_side) / digest[:2] / f"{digest}.npy"

@@ -8,9 +8,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..environment import downloads_allowed
 from ..errors import UserError
 from .download import DownloadFailed, download, safe_extract, sha256_of
-from .locations import downloads_allowed
 
 URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"

@@ -9,10 +9,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
+
+# What decodes a file, as the image cache's entries record it (data/cache.py): this module's decode (raise
+# DECODE_VERSION when it changes what load_image returns) and Pillow (its libjpeg may round differently).
+DECODE_VERSION = 1
+DECODER = f"decode{DECODE_VERSION}-pillow{PIL.__version__}"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -9,7 +9,6 @@ therefore scores a fixed stratified subset, not the first batches (which would b
 """
 
 import multiprocessing
-import os
 import random
 import signal
 from typing import Sequence
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..environment import available_cpus
 from ..errors import UserError
 from .splits import stratified_subset
 
@@ -54,11 +54,6 @@ class SeededSampler(Sampler):
         sample_seeds = rng.integers(0, 2**63 - 1, size=len(self.indices))
         pairs = list(zip(order.tolist(), sample_seeds.tolist()))[self.rank :: self.world_size][: self._shard_size()]
         return iter(pairs[self.start :])
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_num_workers() -> int:
@@ -135,3 +130,12 @@ def _seed_worker(worker_id: int) -> None:
     # of it first would turn that save into a DataLoader crash. (Workers still exit with their parent.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def shut_down_workers(loader) -> None:
+    """Stop a loader's persistent workers now (they would otherwise live, with their copy of the data set,
+    until the loader is garbage-collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None

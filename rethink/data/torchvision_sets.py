@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
+from ..environment import downloads_allowed
 from ..errors import UserError
 from .folder import Listing
-from .locations import downloads_allowed
 
 FOLDERS = {"flowers102": "flowers-102", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}

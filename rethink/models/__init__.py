@@ -2,7 +2,7 @@
 
 from typing import Any, Mapping, Sequence
 
-from ..config import compose_config, plain
+from ..config import plain
 from ..errors import UserError
 from .efficientnet import EfficientNet
 from .pretrained import LoadReport, load_torchvision_weights
@@ -23,5 +23,7 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> EfficientNet:
 def create_model(name: str, num_classes: int = 1000, overrides: Sequence[str] = ()) -> EfficientNet:
     """`create_model("v2_l", 5, ["model.stages.3.block=fused"])`: compose conf/ exactly as
     `python run.py model=v2_l model.stages.3.block=fused` would, and build that model."""
+    from ..hydra_app import compose_config  # here, not above: building a model from a spec needs no Hydra
+
     cfg = compose_config([f"model={name}", *overrides])
     return build_model(cfg.model, num_classes)

@@ -21,7 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..data.locations import downloads_allowed
+from ..environment import downloads_allowed
 from ..errors import UserError, why_unreadable
 
 log = logging.getLogger("rethink")

@@ -22,7 +22,6 @@ is that side; `cached_at_full_size` the fraction of the timed images the cache h
 """
 
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -35,12 +34,14 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision import transforms as v1
 
+from ..atomic import atomic_write_json
+from ..config import value
 from ..data import build_data, normalize
 from ..data.datasets import FileImages
 from ..data.loaders import SeededSampler
-from ..config import value
+from ..environment import cpu_model
 from ..errors import UserError
-from . import benchmark_step, write_json
+from . import benchmark_step
 
 log = logging.getLogger("rethink")
 
@@ -63,7 +64,7 @@ def benchmark(cfg: DictConfig, run_dir: Path) -> dict:
         result["training"] = benchmark_step.measure(cfg)
         tables.append(benchmark_step.format_training(result["training"]))
     print("\n\n".join(tables))
-    write_json(run_dir / "benchmark.json", result)
+    atomic_write_json(run_dir / "benchmark.json", result)
     log.info(f"wrote {run_dir / 'benchmark.json'}")
     return result
 
@@ -192,14 +193,3 @@ def write_photo_like_jpegs(folder: Path, count: int, seed: int = 0, classes: int
         path = folder / f"class_{i % classes}" / f"photo_{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-

@@ -40,28 +40,27 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 import torchvision
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..config import plain, validate, value
-from ..data import batch_mixer, normalize
+from ..config import BENCHMARK_VARIANTS, plain, validate, value
+from ..data import normalize
+from ..environment import cpu_model
 from ..errors import UserError
 from ..models import build_model
 from ..models.profile import count_params
 from ..train.fast_paths import cuda_graphs_choice, forward_modules
-from ..train.loop import Inputs, Learner
-from ..train.optim import build_optimizer, build_scheduler
+from ..train.loop import Inputs, Network, build_learner
+from ..train.optim import build_optimizer
 from ..train.runtime import Precision, resolve_device, resolve_precision, seed_everything, set_cpu_threads
 
 log = logging.getLogger("rethink")
 
 NUM_CLASSES = 1000  # torchvision's default head
 TORCHVISION_MODELS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "v2_s", "v2_m", "v2_l")
-# what a variant may change: how the step computes, not what it learns
-VARIANT_KEYS = ("channels_last", "amp", "compile", "cuda_graphs", "ema", "grad_accumulation", "grad_checkpointing")
+SCHEDULED_STEPS = 1000  # loader batches per epoch for the learning-rate schedule: its values cost nothing
 
 
 @dataclass
@@ -147,8 +146,8 @@ def variant_config(cfg: DictConfig, spec: str) -> DictConfig:
     for part in spec.split("+"):
         key, sep, setting = part.partition(":")
         key = key.strip().removeprefix("trainer.")
-        if not sep or key not in VARIANT_KEYS:
-            raise UserError(f"benchmark.variants: '{spec}': each setting is key:value with key one of {', '.join(VARIANT_KEYS)} (several joined by +)")
+        if not sep or key not in BENCHMARK_VARIANTS:
+            raise UserError(f"benchmark.variants: '{spec}': each setting is key:value with key one of {', '.join(BENCHMARK_VARIANTS)} (several joined by +)")
         try:
             OmegaConf.update(changed, f"trainer.{key}", yaml.safe_load(setting.strip()))  # as the command line reads it: true, 4, fp16
         except OmegaConfBaseException:
@@ -197,17 +196,12 @@ def _learner_run(name: str, model, cfg: DictConfig, device, precision: Precision
     model.to(device).train()
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema else None
     micro = micro_batch(batch, t.grad_accumulation, name)
     compiled = t.compile is True  # auto: off, as for a run too short to repay compiling; see benchmark.variants
     graphs = cuda_graphs_choice(t.cuda_graphs, device.type, micro, 1, t.grad_accumulation, bool(t.grad_checkpointing), compiled).on
     module, trained = forward_modules(model, compiled, graphs, precision.autocast)
-    optimizer = build_optimizer(model, plain(cfg.optimizer))
-    scheduler = build_scheduler(optimizer, 1000, max(1, t.epochs), plain(cfg.scheduler))  # its values cost nothing
-    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     inputs = Inputs(device, tuple(cfg.model.mean), tuple(cfg.model.std), t.channels_last)
-    learner = Learner(trained, optimizer, scheduler, inputs, precision, scaler, ema, batch_mixer(cfg.data, NUM_CLASSES),
-                      t.label_smoothing, t.grad_clip, grad_accumulation=t.grad_accumulation)
+    learner = build_learner(cfg, Network(model, module, trained, inputs), precision, SCHEDULED_STEPS, NUM_CLASSES)
     images, labels = _model_input(cfg, device, size, batch)
     parts = list(zip(images.split(micro), labels.split(micro)))
 
@@ -421,8 +415,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    from .benchmark import cpu_model
-
     return cpu_model()
 
 

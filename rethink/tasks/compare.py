@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import stats
 from ..atomic import atomic_write, atomic_write_text
-from ..config import CompareConfig, compose_config, config_from_checkpoint, plain, value
+from ..config import CompareConfig, config_from_checkpoint, plain, value
 from ..errors import UserError
+from ..hydra_app import compose_config
 
 log = logging.getLogger("rethink")
 
@@ -72,8 +73,10 @@ def read_runs(folders: Sequence[Path]) -> list[Run]:
 
 
 def read_run(folder: Path) -> Optional[Run]:
-    """The training run in `folder`; None when the folder holds another task's record."""
-    config = _load_config(folder / ".hydra" / "config.yaml")
+    """The training run in `folder`; None when the folder holds another task's record. Its config is the one it
+    last ran with (run_config.yaml: a resume that raised trainer.epochs files it under its new length), else
+    Hydra's record of how it started."""
+    config = _load_config(folder / "run_config.yaml") or _load_config(folder / ".hydra" / "config.yaml")
     if config is None or value(config.get("task", "train")) != "train":
         return None
     metrics = _load_json(folder / "metrics.json")

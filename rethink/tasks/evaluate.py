@@ -7,12 +7,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from omegaconf import DictConfig
 
+from ..atomic import atomic_write_json
 from ..data import build_data, make_loader
 from ..errors import UserError
 from ..train.checkpoint import load_checkpoint
 from ..train.loop import evaluate as run_evaluation
 from ..train.metrics import confusion_figure, per_class_scores
-from . import restore, write_json
+from .restore import restore
 
 log = logging.getLogger("rethink")
 
@@ -49,7 +50,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         "model": run_cfg.model.name,
         "data": run_cfg.data.name.value,
     }
-    write_json(run_dir / "eval.json", report)
+    atomic_write_json(run_dir / "eval.json", report)
     figure = confusion_figure(result.confusion, classes, f"{split} split, {result.images} images, acc {result.acc:.4f}")
     figure.savefig(run_dir / "confusion_matrix.png", dpi=120)
     plt.close(figure)

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ..atomic import atomic_write_json
 from ..data import describe_eval_preprocessing
 from ..errors import UserError
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
-from . import checkpoint_run_config, write_json
+from .restore import inference_config
 
 log = logging.getLogger("rethink")
 
@@ -21,7 +22,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
     if not cfg.ckpt:
         raise UserError("task=export needs ckpt=PATH, a checkpoint such as <run dir>/checkpoints/best.pt")
     state = load_checkpoint(cfg.ckpt)
-    run_cfg, _ = checkpoint_run_config(state, cfg)
+    run_cfg, _ = inference_config(state, cfg)
     model = model_from_checkpoint(state, use_ema=cfg.eval.ema)
     size = run_cfg.model.eval_size
     torch.manual_seed(0)
@@ -62,10 +63,10 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
         "classes": list(state["classes"]),
         "output": "logits, one per class in the order of `classes`",
     }
-    write_json(run_dir / "preprocess.json", preprocess)
+    atomic_write_json(run_dir / "preprocess.json", preprocess)
     failed = {name: diff for name, diff in checks.items() if diff is not None and diff > cfg.export.atol}
     report = {"checkpoint": str(cfg.ckpt), "files": sorted(checks), "max_abs_diff": checks, "atol": cfg.export.atol, "ok": not failed}
-    write_json(run_dir / "export.json", report)
+    atomic_write_json(run_dir / "export.json", report)
     for name, diff in checks.items():
         print(f"{run_dir / name}: " + ("not checked" if diff is None else f"max |difference| {diff:.2e} on a batch of {len(sample)}"))
     if failed:

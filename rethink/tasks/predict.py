@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from ..data import eval_images
 from ..errors import UserError
 from ..train.checkpoint import load_checkpoint
-from . import restore
+from .restore import restore
 
 log = logging.getLogger("rethink")
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ..atomic import atomic_write_json
 from ..models import build_model
 from ..models.profile import count_gmacs, count_params, stage_table
-from . import write_json
 
 log = logging.getLogger("rethink")
 
@@ -25,7 +25,7 @@ def summary(cfg: DictConfig, run_dir: Path) -> dict:
         "stages": stage_table(model),
     }
     print(format_summary(result))
-    write_json(run_dir / "summary.json", result)
+    atomic_write_json(run_dir / "summary.json", result)
     log.info(f"wrote {run_dir / 'summary.json'}")
     return result
 

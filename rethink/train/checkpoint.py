@@ -1,25 +1,109 @@
 """Checkpoints: written atomically, read with weights_only=True, checked before use.
 
-A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts), so `torch.load(weights_only=True)`
+What a checkpoint holds is written here too (`training_state`, `restore_training_state`, `chosen_weights`):
+a checkpoint is a plain dict (tensors, numbers, strings, lists, dicts), so `torch.load(weights_only=True)`
 reads it and a file from an untrusted source cannot run code:
     format, version, model, ema (or None), ema_updates, optimizer, scheduler, scaler (or None),
     epoch (completed epochs), partial (the running totals of an epoch cut short by a signal, or None),
     steps_per_epoch, best_val_acc, best_epoch, train_time_s, train_images, history,
-    config (the resolved run config), classes.
+    config (the resolved run config), classes, rng (torch's random state by rank, after a signal, or None).
 """
 
 import os
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ..atomic import atomic_write
 from ..errors import UserError, why_unreadable
+from ..models import build_model
 
 FORMAT = "rethink-checkpoint"
 VERSION = 1
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    train_time_s: float = 0.0
+    train_images: int = 0
+    history: list = field(default_factory=list)
+    partial: Optional[dict] = None  # EpochTotals of an epoch cut short by a signal
+
+    @classmethod
+    def of(cls, state: Optional[dict]) -> "Progress":
+        """A checkpoint's progress; a new run's when there is no checkpoint."""
+        return cls(**{k: state[k] for k in asdict(cls())}) if state else cls()
+
+    def add_epoch(self, epoch: int, totals, val, val_ema, stage: dict) -> dict:
+        """Add a finished epoch (its training totals, its val scores, with the EMA weights' when there are some);
+        returns its record (what the log and TensorBoard show). `stage`: progressive learning's settings for the
+        epoch ({} without it). The best epoch is the one whose validated weights (the EMA's, if kept) scored best."""
+        score = (val_ema or val).acc
+        if score > self.best_val_acc:
+            self.best_val_acc, self.best_epoch = score, epoch
+        self.epoch = epoch
+        self.train_time_s += totals.seconds
+        self.train_images += totals.images
+        self.partial = None
+        record = dict(epoch=epoch, train_loss=totals.loss, train_acc=totals.acc, val_loss=val.loss, val_acc=val.acc, val_images=val.images,
+                      lr=totals.lr, epoch_s=totals.seconds, train_img_s=totals.images_per_s)
+        if val_ema:
+            record.update(val_ema_loss=val_ema.loss, val_ema_acc=val_ema.acc)
+        record.update(stage)
+        self.history.append(record)
+        return record
+
+
+def training_state(model, learner, config: dict, classes: list, steps: int, progress: Progress, rng: Optional[list] = None) -> dict:
+    """Everything a resume needs (`model` is the module itself, not its torch.compile wrapper); `config` the run's
+    resolved config as plain data; `rng`: torch's random state of each process, by rank, where a signal cut an
+    epoch short."""
+    ema = learner.ema
+    return dict(
+        model=model.state_dict(),
+        ema=ema.module.state_dict() if ema is not None else None,
+        ema_updates=int(ema.n_averaged) if ema is not None else 0,
+        optimizer=learner.optimizer.state_dict(),
+        scheduler=learner.scheduler.state_dict(),
+        scaler=learner.scaler.state_dict() if learner.scaler is not None else None,
+        steps_per_epoch=steps,
+        config=config,
+        classes=list(classes),
+        rng=rng,
+        **asdict(progress),
+    )
+
+
+def restore_training_state(state: dict, learner) -> None:
+    """The optimizer, schedule, gradient scaler and EMA of `learner` as the checkpoint left them."""
+    learner.optimizer.load_state_dict(state["optimizer"])
+    learner.scheduler.load_state_dict(state["scheduler"])
+    if learner.scaler is not None and state.get("scaler"):
+        learner.scaler.load_state_dict(state["scaler"])
+    if learner.ema is not None and state.get("ema"):
+        learner.ema.module.load_state_dict(state["ema"])
+        learner.ema.n_averaged.fill_(state["ema_updates"])
+
+
+def chosen_weights(state: dict, use_ema: bool) -> tuple[dict, str]:
+    """The weights a checkpoint is scored with: its EMA weights when asked and it has them, else the model's;
+    and which of the two (`ema` or `model`)."""
+    if use_ema and state.get("ema"):
+        return state["ema"], "ema"
+    return state["model"], "model"
+
+
+def rng_state() -> dict:
+    """Torch's random state in this process (CPU, and every CUDA device in use)."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -64,10 +148,8 @@ def load_checkpoint(path: Any, key: str = "ckpt") -> dict:
 def model_from_checkpoint(state: dict, use_ema: bool = True):
     """The checkpoint's model, built from its own config, in eval mode on the CPU; its EMA weights
     when it has them and `use_ema`."""
-    from ..models import build_model
-
     model = build_model(state["config"]["model"], len(state["classes"]))
-    weights = state["ema"] if use_ema and state.get("ema") else state["model"]
+    weights, _ = chosen_weights(state, use_ema)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

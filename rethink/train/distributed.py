@@ -84,6 +84,15 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def rank_0_buffers(world: World, module: torch.nn.Module) -> None:
+    """Make `module`'s buffers (BatchNorm's running statistics) rank 0's on every process. DDP broadcasts them
+    at each training forward, and each process then updates them with its own batch: without this each would
+    validate its own statistics, and the logged scores would be no saved model's (rank 0 saves its own)."""
+    if world.distributed:
+        for buffer in module.buffers():
+            torch_dist.broadcast(buffer, src=0)
+
+
 def agreed(stop: Callable[[], bool], world: World, device: torch.device) -> Callable[[], bool]:
     """`stop`, asked of every process at once: they all stop at the same step."""
     return stop if not world.distributed else (lambda: any_process(world, stop(), device))

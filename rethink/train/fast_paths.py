@@ -25,7 +25,7 @@ decisions the modules a run evaluates and trains with (fit and the benchmark bot
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import value
-from ..data.locations import user_cache_home
+from ..environment import user_cache_home
 from ..errors import UserError
 from .cuda_graphs import GraphedForward
 
@@ -67,6 +67,17 @@ class FastPaths:
     def record(self) -> dict:
         keys = ("compile", "cuda_graphs", "cudnn_benchmark", "data_on_gpu")
         return {key: choice.on for key, choice in zip(keys, self.choices())}
+
+
+def as_used(decided: FastPaths, store_fitted: bool = True, graphs_captured: bool = True) -> FastPaths:
+    """What a run took of what was decided (its record in metrics.json): images that did not fit on the GPU
+    after all, or CUDA graphs that could not be captured, ran the plain path."""
+    used = decided
+    if decided.data_on_gpu.on and not store_fitted:
+        used = replace(used, data_on_gpu=Choice(False, "did not fit"))
+    if decided.cuda_graphs.on and not graphs_captured:
+        used = replace(used, cuda_graphs=Choice(False, "capture failed"))
+    return used
 
 
 def choose(cfg, device_type: str, world_size: int, steps_per_epoch: int, store_bytes: Callable[[], int],

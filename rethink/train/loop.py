@@ -9,10 +9,13 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from ..data.transforms import normalize
+from ..config import plain
+from ..data.transforms import batch_mixer, normalize
 from .metrics import confusion_matrix
+from .optim import build_optimizer, build_scheduler
 from .runtime import Precision
 
 
@@ -132,6 +135,30 @@ class Learner:
         if self.pending:
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
+
+
+@dataclass
+class Network:
+    """A model as a run uses it: the module itself (what checkpoints save), what evaluates it (itself, or
+    torch.compile's), what trains it (that, wrapped by DDP, replayed by CUDA graphs: train/fast_paths.py), and
+    the step that turns a loader batch into its input."""
+
+    model: nn.Module
+    forward: nn.Module
+    trained: nn.Module
+    inputs: Inputs
+
+
+def build_learner(cfg, network: Network, precision: Precision, steps_per_epoch: int, num_classes: int) -> Learner:
+    """The Learner `cfg` describes for `network` (fit and the benchmark both use it): its optimizer, a schedule
+    over `steps_per_epoch` loader batches an epoch, the gradient scaler fp16 needs, the EMA, mixup / cutmix."""
+    t = cfg.trainer
+    optimizer = build_optimizer(network.model, plain(cfg.optimizer))
+    scheduler = build_scheduler(optimizer, steps_per_epoch // t.grad_accumulation, t.epochs, plain(cfg.scheduler))  # per optimizer step
+    scaler = torch.amp.GradScaler(network.inputs.device.type) if precision.needs_scaler else None
+    ema = AveragedModel(network.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema else None
+    return Learner(network.trained, optimizer, scheduler, network.inputs, precision, scaler, ema, batch_mixer(cfg.data, num_classes),
+                   t.label_smoothing, t.grad_clip, grad_accumulation=t.grad_accumulation)
 
 
 @dataclass

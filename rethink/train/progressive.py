@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from ..config import value
 from ..data import make_loader
+from ..data.loaders import shut_down_workers
 from ..data.transforms import RANDAUG_BINS_PER_LEVEL, batch_mixer, train_transform
 from ..errors import UserError
 
@@ -189,15 +190,6 @@ class ProgressiveLearning:
         if self.current is None:
             return {}
         return {k: v for k, v in asdict(self.current).items() if v is not None}
-
-
-def shut_down_workers(loader: DataLoader) -> None:
-    """Stop a loader's persistent workers now (they would otherwise live, with their copy of the data set,
-    until the loader is garbage-collected)."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-    loader._iterator = None
 
 
 def _stage_line(s: StageSettings, stages: int, epochs: int) -> str:

@@ -1,5 +1,6 @@
 """Where and how a run computes: device, mixed precision, seeding, determinism, memory."""
 
+import multiprocessing
 import os
 import random
 import resource
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.loaders import available_cpus
+from ..environment import available_cpus
 from ..errors import UserError
 
 
@@ -165,4 +166,22 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
         return False
+
+
+def exit_on_signal(signum, frame) -> None:
+    """run.py's handler of SIGINT and SIGTERM outside a run: exit with 128 + the signal, as a shell reports it."""
+    raise SystemExit(128 + signum)
+
+
+def pass_on_signal(signum: int) -> None:
+    """After a run stopped for `signum` (and saved): the signal does what it did before the run, so that whatever
+    started the run in this process (run.py, a notebook, pytest) stops as it would have without it. A Python
+    handler is called; the default action ends the process, except in a child process (a parallel launcher's
+    worker), where the run's SystemExit ends the job instead; an ignored signal stays ignored."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL and multiprocessing.parent_process() is None:
+        signal.raise_signal(signum)

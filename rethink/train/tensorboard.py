@@ -17,16 +17,16 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
-
-# What a run writes when it ends; a resumed run writes them again at its new end.
-END_OF_RUN_TAGS = ("test/", metadata.SESSION_END_INFO_TAG)
+# What a run writes when it ends, and its HPARAMS session's start: a resumed run writes them again, its start
+# with the config it continues with.
+END_OF_RUN_TAGS = ("test/", metadata.SESSION_END_INFO_TAG, metadata.SESSION_START_INFO_TAG)
 
 
 def open_writer(run_dir: Path, resume_step: int | None = None) -> SummaryWriter:
     """A writer for `run_dir`. When resuming after epoch `resume_step`, events logged after that
-    step (an epoch that was logged but not checkpointed before a crash) and the end of the earlier
-    session (its test scores, its HPARAMS session end) are dropped first, so the continued run has
-    exactly one point per step and one end."""
+    step (an epoch that was logged but not checkpointed before a crash), the end of the earlier
+    session (its test scores, its HPARAMS session end) and its HPARAMS session start are dropped first,
+    so the continued run has exactly one point per step, one session and one end."""
     if resume_step is not None:
         truncate_events(run_dir, resume_step)
     return SummaryWriter(log_dir=str(run_dir), flush_secs=3600)  # we flush at the end of every epoch

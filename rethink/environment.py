@@ -1,0 +1,50 @@
+"""What this process finds around it: where caches and data live, whether it may download, the CPUs it may use,
+the CPU's name, and its place under torchrun. Read from the environment each time (tests and launchers change it);
+imports nothing of the project."""
+
+import os
+import platform
+from pathlib import Path
+
+
+def user_cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def data_root(configured: str | None) -> Path:
+    """`data.root`, else $RETHINK_DATA, else $XDG_CACHE_HOME/rethink/data (~/.cache/rethink/data)."""
+    return _first_of(configured, "RETHINK_DATA", "data")
+
+
+def cache_dir(configured: str | None) -> Path:
+    """`data.cache_dir`, else $RETHINK_CACHE, else $XDG_CACHE_HOME/rethink/images (~/.cache/rethink/images)."""
+    return _first_of(configured, "RETHINK_CACHE", "images")
+
+
+def _first_of(configured: str | None, variable: str, default_name: str) -> Path:
+    chosen = configured or os.environ.get(variable)
+    return Path(chosen).expanduser() if chosen else user_cache_home() / "rethink" / default_name
+
+
+def downloads_allowed() -> bool:
+    return os.environ.get("RETHINK_NO_DOWNLOAD", "") not in ("1", "true", "yes")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def torchrun_rank() -> int | None:
+    """This process's rank under torchrun with more than one process, else None."""
+    return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ else None
