@@ -117,3 +117,14 @@ def wait_until_written(path: Path, process, writes: int, timeout: float = 240) -
 def wait_for_checkpoint_writes():
     """`wait_for_checkpoint_writes(path, process, writes)`: wait until a running process wrote a file that often."""
     return wait_until_written
+
+
+SUBPROCESS_FIXTURES = {"run_py", "run_command"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts run.py in a new process (a Python start and Hydra's composition, seconds each) belongs to
+    the slow tier, like those marked `slow` by hand: `-m "not slow"` stays a loop of a few minutes."""
+    for item in items:
+        if SUBPROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -44,6 +44,17 @@ def test_a_joblib_sweep_runs_its_jobs_in_parallel_processes_with_loader_workers(
 
 
 @pytest.mark.slow
+def test_a_joblib_sweep_with_a_failed_job_still_writes_its_comparison_listing_the_failure(tmp_path, run_py, short):
+    """Hydra skips on_multirun_end after a failed job, and joblib counts finished jobs in its workers: the sweep's
+    own process compares when it exits."""
+    result = run_py("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.01,1e6", "scheduler=constant",
+                    "seed=0", *short, f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode != 0  # one job diverged
+    comparison = (tmp_path / "comparison.md").read_text()
+    assert "failed" in comparison and "non-finite" in comparison
+
+
+@pytest.mark.slow
 def test_a_submitit_local_sweep_of_two_jobs_finishes(tmp_path, run_py, short):
     result = run_py("-m", "hydra/launcher=submitit_local", "resume=auto", "seed=0,1", *short, f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -107,7 +118,9 @@ def test_ddp_under_torchrun_trains_one_run_as_one_process_with_the_global_batch_
                   f"hydra.run.dir={tmp_path / 'eval_last'}")
     assert last.returncode == 0, last.stderr[-3000:]
     scored, logged = json.loads((tmp_path / "eval_last" / "eval.json").read_text()), scalars(tmp_path)
-    assert logged["val/acc"][-1][1] == pytest.approx(scored["val_acc"]) and logged["val/loss"][-1][1] == pytest.approx(scored["val_loss"], rel=1e-4)
+    # (the loss only to 2e-3: a tiny b0's logits reach the hundreds, and two processes' batches of 4 round otherwise
+    # than one process's batches; each process's own BatchNorm statistics made it 7% apart)
+    assert logged["val/acc"][-1][1] == pytest.approx(scored["val_acc"]) and logged["val/loss"][-1][1] == pytest.approx(scored["val_loss"], rel=2e-3)
 
 
 @pytest.mark.slow
