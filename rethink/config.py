@@ -82,6 +82,12 @@ class EvalSplit(Enum):  # the train split is augmented: scoring it would measure
     test = "test"
 
 
+class Correction(Enum):  # for the family of a comparison's verdicts (rethink/stats.py)
+    holm = "holm"  # Holm's step-down: the chance of any false better/worse stays at most the level
+    bonferroni = "bonferroni"  # the same, more conservative
+    none = "none"  # each verdict on its own: with many pairs, some are false
+
+
 class Progressive(Enum):
     none = "none"  # train at model.train_size with fixed regularisation (as without the group)
     v2 = "v2"  # EfficientNetV2's progressive learning: image size and regularisation grow per stage (V2-S's ends)
@@ -278,6 +284,9 @@ class CompareConfig:
     confidence: float = key(TASK, 0.95, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1)"))  # of every interval, and 1 - the level of the test
     power: float = key(TASK, 0.8, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1)"))  # for the smallest difference the seeds could detect
     detect: float = key(TASK, 0.005, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"))  # a difference in test accuracy (0.5 points) whose seeds needed the verdict reports
+    correction: Correction = key(TASK, Correction.holm)  # of the p-values of all of a comparison's verdicts, as one family
+    margin: float = key(TASK, 0.005, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"))  # equivalent: the difference shown to lie within +-margin (two one-sided tests)
+    bootstrap: int = key(TASK, 2000, allowed=Allowed(lambda v: v == 0 or v >= 100, "0 (none) or at least 100"))  # draws of the bootstrap over seeds and test images
 
 
 @dataclass

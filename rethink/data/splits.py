@@ -7,6 +7,7 @@ subset that limited evaluation (`trainer.limit_val_batches`) scores.
 """
 
 import csv
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,15 @@ def manifest_rows(splits: Sequence[str], labels: Sequence[int], classes: Sequenc
     """One row per item, sorted by split (train, val, test), then path."""
     rows = (ManifestRow(split, int(label), classes[label], path) for split, label, path in zip(splits, labels, paths))
     return sorted(rows, key=lambda row: (SPLITS.index(row.split), row.path))
+
+
+def fingerprint(rows: Iterable[ManifestRow], contents: dict[str, str]) -> str:
+    """What a data set is, as 16 hex digits: every image's split, label, class name, name and content hash
+    (`contents`: name -> hash); the same for the same images however they are stored or where they lie."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(f"{row.split}\t{row.label}\t{row.class_name}\t{row.path}\t{contents.get(row.path, '')}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> None:
