@@ -6,6 +6,7 @@ enum value (say `model.stages.1.block=fusd`) fails while the config is composed,
 """
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -286,7 +287,7 @@ class CompareConfig:
     detect: float = key(TASK, 0.005, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"))  # a difference in test accuracy (0.5 points) whose seeds needed the verdict reports
     correction: Correction = key(TASK, Correction.holm)  # of the p-values of all of a comparison's verdicts, as one family
     margin: float = key(TASK, 0.005, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"))  # equivalent: the difference shown to lie within +-margin (two one-sided tests)
-    bootstrap: int = key(TASK, 2000, allowed=Allowed(lambda v: v == 0 or v >= 100, "0 (none) or at least 100"))  # draws of the bootstrap over seeds and test images
+    bootstrap: int = key(TASK, 10000, allowed=Allowed(lambda v: v == 0 or v >= 100, "0 (none) or at least 100"))  # draws of the bootstrap over seeds and test images
 
 
 @dataclass
@@ -351,7 +352,12 @@ def validate(cfg: DictConfig) -> None:
 
 def config_from_checkpoint(saved: dict) -> DictConfig:
     """A saved run's config (plain dict) as a typed config again."""
-    return OmegaConf.merge(OmegaConf.structured(RethinkConfig), saved)
+    return OmegaConf.merge(_schema(), saved)  # merge copies its first config: the cached schema stays as it is
+
+
+@functools.cache
+def _schema() -> DictConfig:
+    return OmegaConf.structured(RethinkConfig)  # built once: task=compare reads hundreds of run records
 
 
 def changed_keys(cfg: DictConfig, reference: DictConfig) -> list[str]:

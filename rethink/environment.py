@@ -55,11 +55,14 @@ def code_version(package: Path = PACKAGE_DIR) -> tuple[str, bool | None]:
     """(the git commit of the checkout this package runs from, whether the checkout differs from it: edited, added
     or deleted files that git does not ignore); ("unknown", None) outside a checkout (an installed package) or
     without git. Asked once per process."""
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=30)
 
     try:
-        tracked = git("ls-files", "--error-unmatch", "__init__.py")  # a package inside another repository's ignored folder is not its code
+        tracked = git(
+            "ls-files", "--error-unmatch", "__init__.py"
+        )  # a package inside another repository's ignored folder is not its code
         commit = git("rev-parse", "HEAD")
         status = git("status", "--porcelain")
     except (OSError, subprocess.SubprocessError):

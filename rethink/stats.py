@@ -13,10 +13,11 @@ A group's test accuracies are a sample of what its configuration gives over seed
 4. power: the smallest difference these seeds detect, and the seeds a side another difference needs, for the
    Welch test itself (its degrees of freedom drawn from the data, integrated exactly), at the level the
    correction asks of the first test (alpha / comparisons);
-5. the test images: a two-level bootstrap over seeds and test images (seeded: the same inputs give the same
+5. the test images: a two-level bootstrap over test images and seeds (seeded: the same inputs give the same
    numbers), and the probability that the candidate beats the baseline on a new seed.
 """
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ CORRECTIONS = ("holm", "bonferroni", "none")
 MOST_SEEDS = 1000  # seeds_needed gives up beyond this many seeds a side
 ROUND_OFF = 1e-9  # accuracies closer than this are equal (k/N accuracies differ from their mean by ~1e-16)
 BOOTSTRAP_SEED = 0
-_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(48)  # Gauss-Legendre on [-1, 1], moved to [0, 1] below
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(32)  # Gauss-Legendre on [-1, 1], moved to [0, 1] below
 _NODES, _WEIGHTS = (_NODES + 1) / 2, _WEIGHTS / 2
 
 
@@ -60,7 +61,7 @@ class Rules:
     detect: float = 0.005  # the difference (a fraction of accuracy) whose seeds needed are reported
     margin: float = 0.005  # equivalence: |difference| < margin
     correction: str = "holm"
-    bootstrap: int = 2000  # draws of the two-level bootstrap; 0: none
+    bootstrap: int = 10000  # draws of the two-level bootstrap; 0: none
 
     @property
     def alpha(self) -> float:
@@ -120,7 +121,7 @@ class Difference:
     detectable: Optional[float] = None
     seeds_needed: Optional[int] = None
     seeds_needed_range: Optional[tuple[Optional[int], Optional[int]]] = None
-    p_beat: Optional[float] = None  # P(candidate > baseline) for a new seed of each, from the seeds' pairs
+    p_beat: Optional[float] = None  # P(candidate > baseline) for a new seed of each (normal model)
     bootstrap: Optional[Bootstrap] = None
     levels_agree: Optional[bool] = None  # False: the seeds say better/worse, seeds and test images together cannot tell
     notes: list[str] = field(default_factory=list)
@@ -140,8 +141,15 @@ def describe(values: Sequence[float], confidence: float = 0.95) -> Sample:
     return Sample(n, mean, std, (mean - half, mean + half), variance)
 
 
-def compare_samples(baseline: Sequence[float], candidate: Sequence[float], confidence: float = 0.95, power: float = 0.8,
-                    detect: float = 0.005, margin: float = 0.005, resolution: Optional[float] = None) -> Difference:
+def compare_samples(
+    baseline: Sequence[float],
+    candidate: Sequence[float],
+    confidence: float = 0.95,
+    power: float = 0.8,
+    detect: float = 0.005,
+    margin: float = 0.005,
+    resolution: Optional[float] = None,
+) -> Difference:
     """One pair judged on its own (a family of one: no correction)."""
     rules = Rules(confidence, power, detect, margin, "none", bootstrap=0)
     return judge_pairs([Pair(baseline, candidate, resolution)], rules)[0]
@@ -174,18 +182,36 @@ def _welch_tests(pair: Pair, rules: Rules) -> Difference:
     base, cand = _snapped(pair.baseline, pair.resolution), _snapped(pair.candidate, pair.resolution)
     if np.ptp(base) == 0 and np.ptp(cand) == 0:
         image = " (to within half a test image)" if pair.resolution else ""
-        return Difference(a, b, diff, CANNOT_JUDGE, f"every seed of each group gave the same accuracy{image}: no spread the test set can resolve")
-    with warnings.catch_warnings():  # scipy warns of precision loss when one side's values are all equal; its result is exact
+        return Difference(
+            a,
+            b,
+            diff,
+            CANNOT_JUDGE,
+            f"every seed of each group gave the same accuracy{image}: no spread the test set can resolve",
+        )
+    with (
+        warnings.catch_warnings()
+    ):  # scipy warns of precision loss when one side's values are all equal; its result is exact
         warnings.simplefilter("ignore", RuntimeWarning)
         test = stats.ttest_ind(cand, base, equal_var=False)
-        above = stats.ttest_ind(cand + rules.margin, base, equal_var=False, alternative="greater")  # H0: diff <= -margin
+        above = stats.ttest_ind(
+            cand + rules.margin, base, equal_var=False, alternative="greater"
+        )  # H0: diff <= -margin
         below = stats.ttest_ind(cand - rules.margin, base, equal_var=False, alternative="less")  # H0: diff >= +margin
     ci = test.confidence_interval(confidence_level=rules.confidence)
     va, vb = float(np.var(base, ddof=1)), float(np.var(cand, ddof=1))
     spread = math.sqrt((va + vb) / 2)
     return Difference(
-        a, b, diff, WITHIN_NOISE, ci=(float(ci.low), float(ci.high)), se=math.sqrt(va / a.n + vb / b.n), df=float(test.df),
-        t=float(test.statistic), p_value=float(test.pvalue), effect_size=diff / spread if spread else None,
+        a,
+        b,
+        diff,
+        WITHIN_NOISE,
+        ci=(float(ci.low), float(ci.high)),
+        se=math.sqrt(va / a.n + vb / b.n),
+        df=float(test.df),
+        t=float(test.statistic),
+        p_value=float(test.pvalue),
+        effect_size=diff / spread if spread else None,
         p_equivalence=float(max(above.pvalue, below.pvalue)),
     )
 
@@ -217,7 +243,9 @@ def adjust(p_values: Sequence[float], correction: str) -> np.ndarray:
     return adjusted
 
 
-def _verdict(d: Difference, pair: Pair, rules: Rules, p: float, p_eq: float, comparisons: int, level: float) -> Difference:
+def _verdict(
+    d: Difference, pair: Pair, rules: Rules, p: float, p_eq: float, comparisons: int, level: float
+) -> Difference:
     """The verdict from the adjusted p-values, with the power analysis at `level` and the test images' bootstrap."""
     notes = []
     if p < rules.alpha and pair.resolution and abs(d.diff) <= pair.resolution * (1 + 1e-6):
@@ -235,18 +263,38 @@ def _verdict(d: Difference, pair: Pair, rules: Rules, p: float, p_eq: float, com
     low, high = spread_factors(na + nb - 2, rules.confidence)
     boot = None
     if rules.bootstrap and pair.correct_baseline is not None and pair.correct_candidate is not None:
-        boot = two_level_bootstrap(pair.correct_baseline, pair.correct_candidate, pair.paired, rules.bootstrap, rules.confidence)
+        boot = two_level_bootstrap(
+            _snapped(pair.baseline, pair.resolution),
+            _snapped(pair.candidate, pair.resolution),
+            pair.correct_baseline,
+            pair.correct_candidate,
+            pair.paired,
+            rules.bootstrap,
+            rules.confidence,
+        )
     agree = None
     if boot is not None and verdict in (BETTER, WORSE):
         agree = bool(boot.ci[0] > 0 if verdict == BETTER else boot.ci[1] < 0)
-    return Difference(**{
-        **d.__dict__, "verdict": verdict, "reason": reason, "p_adjusted": p, "p_equivalence_adjusted": p_eq,
-        "comparisons": comparisons, "level": level, "notes": notes,
-        "detectable": detectable_difference(va, na, vb, nb, level, rules.power),
-        "seeds_needed": seeds_needed(va, vb, rules.detect, level, rules.power),
-        "seeds_needed_range": tuple(seeds_needed(va * f, vb * f, rules.detect, level, rules.power) for f in (low, high)),
-        "p_beat": probability_of_improvement(pair.baseline, pair.candidate), "bootstrap": boot, "levels_agree": agree,
-    })
+    return Difference(
+        **{
+            **d.__dict__,
+            "verdict": verdict,
+            "reason": reason,
+            "p_adjusted": p,
+            "p_equivalence_adjusted": p_eq,
+            "comparisons": comparisons,
+            "level": level,
+            "notes": notes,
+            "detectable": detectable_difference(va, na, vb, nb, level, rules.power),
+            "seeds_needed": seeds_needed(va, vb, rules.detect, level, rules.power),
+            "seeds_needed_range": tuple(
+                seeds_needed(va * f, vb * f, rules.detect, level, rules.power) for f in (low, high)
+            ),
+            "p_beat": probability_of_improvement(d.diff, va, vb),
+            "bootstrap": boot,
+            "levels_agree": agree,
+        }
+    )
 
 
 # 4. Power of the Welch test -------------------------------------------------------------------------------------
@@ -265,17 +313,29 @@ def welch_power(delta: float, var_a: float, n_a: int, var_b: float, n_b: int, al
     The test rejects when |D| > t(1 - alpha/2, nu) * se, where D, the difference of the sample means, is normal, and
     se and nu come from the two sample variances, which are independent of D and scaled chi-square. Given the
     sample variances the probability is exact (the normal distribution's two tails); it is integrated over both
-    sample variances by Gauss-Legendre quadrature on their quantiles (48 x 48 nodes). This is the power of the
+    sample variances by Gauss-Legendre quadrature on their quantiles (32 x 32 nodes). This is the power of the
     test as it is run, with degrees of freedom drawn from the data: a noncentral t at fixed degrees of freedom
     overstates it at few seeds (at 3 seeds a side, its 80%-power difference has about 70% power)."""
-    sa = var_a * stats.chi2.ppf(_NODES, n_a - 1) / (n_a - 1)
-    sb = var_b * stats.chi2.ppf(_NODES, n_b - 1) / (n_b - 1)
+    total = var_a + var_b
+    critical, sd = _rejection_grid(var_a / total, n_a, n_b, alpha)  # for variances that sum to 1: scale delta instead
+    z = delta / math.sqrt(total)
+    rejects = stats.norm.sf((critical - z) / sd) + stats.norm.cdf((-critical - z) / sd)
+    return float(_WEIGHTS @ rejects @ _WEIGHTS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rejection_grid(share_a: float, n_a: int, n_b: int, alpha: float) -> tuple[np.ndarray, float]:
+    """For true variances share_a and 1 - share_a: the threshold on |D| at which the test rejects, at each pair of
+    quadrature nodes of the two sample variances; and the standard deviation of D. The same for every delta (a
+    search over delta computes it once)."""
+    sa = share_a * stats.chi2.ppf(_NODES, n_a - 1) / (n_a - 1)
+    sb = (1 - share_a) * stats.chi2.ppf(_NODES, n_b - 1) / (n_b - 1)
     sa, sb = np.meshgrid(sa, sb, indexing="ij")
     with np.errstate(invalid="ignore", divide="ignore"):
         critical = stats.t.ppf(1 - alpha / 2, welch_df(sa, n_a, sb, n_b)) * np.sqrt(sa / n_a + sb / n_b)
-    sd = math.sqrt(var_a / n_a + var_b / n_b)
-    rejects = stats.norm.sf((critical - delta) / sd) + stats.norm.cdf((-critical - delta) / sd)
-    return float(_WEIGHTS @ np.nan_to_num(rejects, nan=0.0) @ _WEIGHTS)
+    critical = np.nan_to_num(critical, nan=0.0)  # both sample variances 0 (a side with none): no node of weight there
+    critical.flags.writeable = False
+    return critical, math.sqrt(share_a / n_a + (1 - share_a) / n_b)
 
 
 def detectable_difference(var_a: float, n_a: int, var_b: float, n_b: int, alpha: float, power: float) -> float:
@@ -292,7 +352,9 @@ def detectable_difference(var_a: float, n_a: int, var_b: float, n_b: int, alpha:
     return optimize.brentq(short, 0.0, high, xtol=1e-12, rtol=1e-6)
 
 
-def seeds_needed(var_a: float, var_b: float, effect: float, alpha: float, power: float, most: int = MOST_SEEDS) -> Optional[int]:
+def seeds_needed(
+    var_a: float, var_b: float, effect: float, alpha: float, power: float, most: int = MOST_SEEDS
+) -> Optional[int]:
     """The fewest seeds a side (the same on both sides, at least 2) at which Welch's test detects a true difference
     of `effect` with probability `power` at level `alpha`, for runs whose test accuracy varies over seeds with these
     variances (not both 0); None when more than `most` would be needed."""
@@ -324,48 +386,69 @@ def spread_factors(df: int, confidence: float) -> tuple[float, float]:
 # 5. The test images: a two-level bootstrap, and the probability of beating the baseline ------------------------
 
 
-def probability_of_improvement(baseline: Sequence[float], candidate: Sequence[float]) -> float:
-    """P(candidate > baseline) for one new seed of each, estimated over every pair of seeds (ties count half): the
-    Mann-Whitney U statistic over n_b * n_c (Agarwal et al. 2021)."""
-    return float(stats.mannwhitneyu(candidate, baseline).statistic) / (len(baseline) * len(candidate))
+def probability_of_improvement(diff: float, var_a: float, var_b: float) -> float:
+    """P(candidate > baseline) for one new seed of each, when the seeds' accuracies are normal with these spreads
+    and means `diff` apart: Phi(diff / sqrt(var_a + var_b)) (the probability of improvement of Agarwal et al. 2021,
+    under the same normal model as Welch's t: at 3 seeds the share of seed pairs would say 1.00 for any clean
+    separation)."""
+    return float(stats.norm.cdf(diff / math.sqrt(var_a + var_b)))
 
 
-def two_level_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, paired: bool, draws: int, confidence: float,
-                        seed: int = BOOTSTRAP_SEED, chunk: int = 250) -> Bootstrap:
-    """Percentile intervals of candidate (b) minus baseline (a) accuracy and of the probability of improvement, over
-    draws that resample both levels: the test images (with replacement; the same draw for both sides when they
-    scored the same images, `paired`) and each side's seeds (with replacement). `correct_*`: seeds x test images,
-    1 where that seed's run classified that image right (a fraction where runs repeated a seed)."""
+def two_level_bootstrap(
+    baseline: np.ndarray,
+    candidate: np.ndarray,
+    correct_a: np.ndarray,
+    correct_b: np.ndarray,
+    paired: bool,
+    draws: int,
+    confidence: float,
+    seed: int = BOOTSTRAP_SEED,
+) -> Bootstrap:
+    """Percentile intervals of candidate (b) minus baseline (a) accuracy, and of the probability of improvement, over
+    draws of both levels of what the accuracies rest on:
+    - the test images, resampled with replacement (the same draw for both sides when they scored the same images,
+      `paired`): each draw shifts the difference by what those images give against the images scored;
+    - the seeds, drawn from what the seeds show: the difference of their means from Welch's t distribution
+      (diff + se * T(nu)), each side's variance from its scaled inverse chi-square. A resample of the seeds
+      themselves would do at many seeds; at 3 it has 10 distinct outcomes and gives intervals far too narrow.
+    With no image to resample the difference's interval is Welch's: the test images can only widen it.
+    `baseline`, `candidate`: accuracy per seed; `correct_*`: seeds x test images, 1 where the seed's run classified
+    the image right (a fraction where runs repeated a seed). Seeded: the same inputs give the same numbers."""
     rng = np.random.default_rng(seed)
-    a, b = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
-    differences, beats = [], []
-    for start in range(0, draws, chunk):
-        k = min(chunk, draws - start)
-        images_a = _image_weights(rng, a.shape[1], k)
-        images_b = images_a if paired else _image_weights(rng, b.shape[1], k)
-        seeds_a = _resampled_seeds(rng, a @ images_a.T)  # k x seeds: each draw's accuracies
-        seeds_b = _resampled_seeds(rng, b @ images_b.T)
-        differences.append(seeds_b.mean(1) - seeds_a.mean(1))
-        beats.append(_beats(seeds_a, seeds_b))
+    a, b = np.asarray(baseline, dtype=float), np.asarray(candidate, dtype=float)
+    va, vb = float(a.var(ddof=1)), float(b.var(ddof=1))
+    diff, se, df = b.mean() - a.mean(), math.sqrt(va / len(a) + vb / len(b)), float(welch_df(va, len(a), vb, len(b)))
+    images = _image_shifts(
+        rng, np.asarray(correct_a, dtype=float).mean(0), np.asarray(correct_b, dtype=float).mean(0), paired, draws
+    )
+    differences = diff + images + se * rng.standard_t(df, size=draws)
+    spread = np.sqrt(_drawn_variance(rng, va, len(a), draws) + _drawn_variance(rng, vb, len(b), draws))
     tails = [50 * (1 - confidence), 50 * (1 + confidence)]
-    ci, p_beat_ci = (tuple(float(x) for x in np.percentile(np.concatenate(values), tails)) for values in (differences, beats))
+    ci, p_beat_ci = (
+        tuple(float(x) for x in np.percentile(values, tails))
+        for values in (differences, stats.norm.cdf(differences / spread))
+    )
     return Bootstrap(draws, ci, p_beat_ci)
 
 
-def _image_weights(rng: np.random.Generator, images: int, draws: int) -> np.ndarray:
-    """draws x images: how often each image is drawn when `images` are drawn with replacement, over `images`."""
-    return rng.multinomial(images, np.full(images, 1 / images), size=draws) / images
+def _image_shifts(
+    rng: np.random.Generator, right_a: np.ndarray, right_b: np.ndarray, paired: bool, draws: int, chunk: int = 250
+) -> np.ndarray:
+    """Per draw of the test images (with replacement): the candidate's minus the baseline's mean share of seeds right
+    on them, less the same on the images as scored. `right_*`: per image, the share of that side's seeds right."""
+    shifts = []
+    for start in range(0, draws, chunk):
+        k = min(chunk, draws - start)
+        weights_a = rng.multinomial(len(right_a), np.full(len(right_a), 1 / len(right_a)), size=k) / len(right_a)
+        weights_b = (
+            weights_a
+            if paired
+            else rng.multinomial(len(right_b), np.full(len(right_b), 1 / len(right_b)), size=k) / len(right_b)
+        )
+        shifts.append(weights_b @ right_b - weights_a @ right_a)
+    return np.concatenate(shifts) - (right_b.mean() - right_a.mean())
 
 
-def _resampled_seeds(rng: np.random.Generator, accuracy: np.ndarray) -> np.ndarray:
-    """`accuracy` (seeds x draws) with each draw's seeds drawn with replacement: draws x seeds."""
-    seeds, draws = accuracy.shape
-    return np.take_along_axis(accuracy.T, rng.integers(0, seeds, size=(draws, seeds)), axis=1)
-
-
-def _beats(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per row: the share of (a, b) seed pairs in which b is higher, ties counting half."""
-    higher = (b[:, :, None] > a[:, None, :]).mean((1, 2))
-    tied = (b[:, :, None] == a[:, None, :]).mean((1, 2))
-    return higher + tied / 2
-
+def _drawn_variance(rng: np.random.Generator, variance: float, n: int, draws: int) -> np.ndarray:
+    """Variances that a sample variance `variance` of `n` values allows: variance * (n - 1) / chi-square(n - 1)."""
+    return variance * (n - 1) / rng.chisquare(n - 1, size=draws)

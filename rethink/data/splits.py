@@ -60,7 +60,11 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
 
 
 def assign_splits(
-    labels: Sequence[int], given: Sequence[str | None], fractions: Sequence[float], seed: int, copies: Sequence[str | None] | None = None
+    labels: Sequence[int],
+    given: Sequence[str | None],
+    fractions: Sequence[float],
+    seed: int,
+    copies: Sequence[str | None] | None = None,
 ) -> list[str]:
     """The split of every item. Items that came without one (an unsplit folder) are split stratified by
     `fractions`. When some came split (a train/ val/ test/ tree, CIFAR's train and test sets), a
@@ -125,7 +129,9 @@ class ManifestRow:
     path: str  # relative to the data set's folder, with forward slashes
 
 
-def manifest_rows(splits: Sequence[str], labels: Sequence[int], classes: Sequence[str], paths: Sequence[str]) -> list[ManifestRow]:
+def manifest_rows(
+    splits: Sequence[str], labels: Sequence[int], classes: Sequence[str], paths: Sequence[str]
+) -> list[ManifestRow]:
     """One row per item, sorted by split (train, val, test), then path."""
     rows = (ManifestRow(split, int(label), classes[label], path) for split, label, path in zip(splits, labels, paths))
     return sorted(rows, key=lambda row: (SPLITS.index(row.split), row.path))
@@ -136,7 +142,9 @@ def fingerprint(rows: Iterable[ManifestRow], contents: dict[str, str]) -> str:
     (`contents`: name -> hash); the same for the same images however they are stored or where they lie."""
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(f"{row.split}\t{row.label}\t{row.class_name}\t{row.path}\t{contents.get(row.path, '')}\n".encode())
+        digest.update(
+            f"{row.split}\t{row.label}\t{row.class_name}\t{row.path}\t{contents.get(row.path, '')}\n".encode()
+        )
     return digest.hexdigest()[:16]
 
 
