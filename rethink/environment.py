@@ -60,9 +60,8 @@ def code_version(package: Path = PACKAGE_DIR) -> tuple[str, bool | None]:
         return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=30)
 
     try:
-        tracked = git(
-            "ls-files", "--error-unmatch", "__init__.py"
-        )  # a package inside another repository's ignored folder is not its code
+        # a package inside another repository's ignored folder (a virtual environment) is not that repository's code
+        tracked = git("ls-files", "--error-unmatch", "__init__.py")
         commit = git("rev-parse", "HEAD")
         status = git("status", "--porcelain")
     except (OSError, subprocess.SubprocessError):

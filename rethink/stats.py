@@ -189,15 +189,13 @@ def _welch_tests(pair: Pair, rules: Rules) -> Difference:
             CANNOT_JUDGE,
             f"every seed of each group gave the same accuracy{image}: no spread the test set can resolve",
         )
-    with (
-        warnings.catch_warnings()
-    ):  # scipy warns of precision loss when one side's values are all equal; its result is exact
+    # scipy warns of precision loss when one side's values are all equal; its result is exact
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         test = stats.ttest_ind(cand, base, equal_var=False)
-        above = stats.ttest_ind(
-            cand + rules.margin, base, equal_var=False, alternative="greater"
-        )  # H0: diff <= -margin
-        below = stats.ttest_ind(cand - rules.margin, base, equal_var=False, alternative="less")  # H0: diff >= +margin
+        # equivalence: H0 diff <= -margin, and H0 diff >= +margin, each rejected by a one-sided Welch test
+        above = stats.ttest_ind(cand + rules.margin, base, equal_var=False, alternative="greater")
+        below = stats.ttest_ind(cand - rules.margin, base, equal_var=False, alternative="less")
     ci = test.confidence_interval(confidence_level=rules.confidence)
     va, vb = float(np.var(base, ddof=1)), float(np.var(cand, ddof=1))
     spread = math.sqrt((va + vb) / 2)
@@ -343,7 +341,10 @@ def detectable_difference(var_a: float, n_a: int, var_b: float, n_b: int, alpha:
     seeds with these variances, detects with probability `power` at level `alpha`."""
     if var_a + var_b == 0:
         return 0.0
-    short = lambda delta: welch_power(delta, var_a, n_a, var_b, n_b, alpha) - power  # noqa: E731
+
+    def short(delta: float) -> float:
+        return welch_power(delta, var_a, n_a, var_b, n_b, alpha) - power
+
     if short(0.0) >= 0:  # power at most the level (the settings are checked, so this is for direct callers)
         return 0.0
     high = math.sqrt(var_a / n_a + var_b / n_b)

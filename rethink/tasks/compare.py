@@ -1,15 +1,17 @@
 """task=compare: training runs grouped across seeds, set against each other, with a verdict.
 
-It reads only what every training run already leaves (`.hydra/config.yaml`, `metrics.json`, `run.log`,
-TensorBoard events), so old runs compare too. Top to bottom:
+It reads only what training runs leave (`.hydra/config.yaml`, `metrics.json`, `provenance.json`,
+`test_predictions.csv`, `run.log`, TensorBoard events), so old runs compare too. Top to bottom:
 1. reading: find the run folders under the given folders, and read each run's config, state
-   (done, failed, stopped, incomplete), metrics and val-accuracy curve;
-2. grouping: runs whose configs differ only in ignored keys (seed, device, workers, ...) form a group,
-   labelled by the keys that tell the groups apart;
-3. judging: groups are paired (baseline, candidate) and each pair judged by rethink/stats.py;
-4. writing: comparison.md, comparison.csv, accuracy_vs_cost.png and val_curves.png, and the table on stdout.
+   (done, failed, stopped, incomplete), metrics, provenance, per-image test results and val-accuracy curve;
+2. grouping: runs whose configs differ only in ignored keys (seed, device, workers, ...) and that ran on the
+   same data set (its split's fingerprint) form a group, labelled by the keys that tell the groups apart;
+   groups are paired (baseline, candidate) so that each pair differs in one key, unless the user picks pairs;
+3. judging: the pairs are judged as one family by rethink/stats.py;
+4. writing: comparison.md, comparison.csv, verdicts.csv, accuracy_vs_cost.png and val_curves.png, and the
+   table and verdicts on stdout.
 `compare` (task=compare) and `compare_sweep` (the end of every sweep) share `build_comparison` and
-`write_comparison`. Accuracies are fractions in the CSV and percentages (2 decimals) everywhere else.
+`write_comparison`. Accuracies are fractions in the CSVs and percentages (2 decimals) everywhere else.
 """
 
 import csv
@@ -367,9 +369,8 @@ class Comparison:
     verdicts: list[dict]  # one per pair
     settings: CompareConfig
     sources: list[str]
-    warnings: list[str] = field(
-        default_factory=list
-    )  # groups that pool runs of different code versions, devices, precisions
+    # groups that pool runs of different code versions, devices or precisions
+    warnings: list[str] = field(default_factory=list)
     unpaired: list[int] = field(default_factory=list)  # the numbers of groups in no pair
 
 
@@ -741,7 +742,7 @@ def _verdict_lines(v: dict, s: CompareConfig) -> str:
         )
     adjusted = (
         f", {value(s.correction).capitalize()}-adjusted p {_p(v['p_adjusted'])} (of {v['comparisons']})"
-        if value(s.correction) != "none"
+        if value(s.correction) != "none" and v["comparisons"] > 1
         else ""
     )
     effect = f"; effect size d = {v['effect_size']:.2f}" if v["effect_size"] is not None else ""
