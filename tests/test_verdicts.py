@@ -294,6 +294,24 @@ def test_runs_that_differ_only_in_how_they_compute_form_one_group_and_pooled_pro
     assert len(comparison.groups) == 1 and comparison.rows[0]["seeds"] == 3
     assert any("pools runs of different precisions (bf16, fp32)" in w for w in comparison.warnings)
     assert any("different code versions (1a2b3c4d5e6f, 1a2b3c4d5e6f+edited)" in w for w in comparison.warnings)
+    # a run that failed before it recorded its data set counts in its config's group; an older finished run that
+    # recorded none is pooled too, with a warning
+    failed = tmp_path / "failed"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "config.yaml").write_text((tmp_path / "run0" / ".hydra" / "config.yaml").read_text())
+    (failed / "run.log").write_text("[10:00:00][ERROR] error: model.pretrained=/x.pt: no such file\n")
+    write_run(tmp_path / "older", record, 3, 441)
+    (tmp_path / "older" / "provenance.json").unlink()
+    (tmp_path / "older" / "metrics.json").write_text(
+        json.dumps({"test_acc": 441 / IMAGES, "test_images": IMAGES, "seed": 3})
+    )
+    comparison = comparison_of(tmp_path)
+    assert len(comparison.groups) == 1 and comparison.rows[0]["runs"] == "4 done, 1 failed"
+    assert any("pools runs of different data sets (unknown, 0f0f0f0f0f0f0f0f)" in w for w in comparison.warnings)
+    for folder in (failed, tmp_path / "older"):
+        for path in sorted(folder.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        folder.rmdir()
     # the same settings on another data set (another split fingerprint) are another group, whatever data.root says
     write_run(tmp_path / "other_data", record, 0, 300, {"data.root": "/data/a"}, data_fingerprint="123456789abcdef0")
     comparison = comparison_of(tmp_path)

@@ -47,6 +47,13 @@ LOG_MARKERS = (
 ABSENT = "-"  # a key that one group's config does not have
 FINGERPRINT = "data.fingerprint"  # the data set's identity (its split's fingerprint), grouped by as a key of the config
 PROVENANCE = ("code_version", "device_name", "precision", "torch_version", "data_fingerprint")
+# what a group's runs should share, and a warning says when they do not ("unknown": a run that did not record it)
+PROVENANCE_POOLED = (
+    ("code_version", "code versions"),
+    ("device_name", "devices"),
+    ("precision", "precisions"),
+    ("data_fingerprint", "data sets"),
+)
 
 
 # 1. Reading runs -----------------------------------------------------------------------------------
@@ -235,12 +242,30 @@ def is_ignored(key: str, ignored: Sequence[str]) -> bool:
 
 
 def group_runs(runs: Sequence[Run], ignored: Sequence[str]) -> list[Group]:
-    """Runs with equal configs once the `ignored` keys (and everything under them) are left out, in
-    the order of their first run."""
-    groups: dict[tuple, Group] = {}
+    """Runs with equal configs once the `ignored` keys (and everything under them) are left out, and on the same
+    data set (FINGERPRINT), in the order of their first run. A run that recorded no data set (one that failed before
+    it started training, or an older run) joins the first group of its config that did; where no group of any config
+    recorded one but one data set runs through all the groups, that is taken for the groups that did not record it."""
+    use_fingerprint = not is_ignored(FINGERPRINT, ignored)
+    keys, fingerprints = [], []
+    seen: dict[tuple, list[str]] = {}  # config -> the data sets its runs recorded, in order
     for run in runs:
-        config = {k: v for k, v in run.flat.items() if not is_ignored(k, ignored)}
-        groups.setdefault(tuple(sorted(config.items(), key=lambda item: item[0])), Group([], config)).runs.append(run)
+        config = {k: v for k, v in run.flat.items() if not is_ignored(k, ignored) and k != FINGERPRINT}
+        key = tuple(sorted(config.items(), key=lambda item: item[0]))
+        fingerprint = run.flat.get(FINGERPRINT) if use_fingerprint else None
+        keys.append(key)
+        fingerprints.append(fingerprint)
+        if fingerprint is not None and fingerprint not in seen.setdefault(key, []):
+            seen[key].append(fingerprint)
+    groups: dict[tuple, Group] = {}
+    for run, key, fingerprint in zip(runs, keys, fingerprints):
+        fingerprint = fingerprint or next(iter(seen.get(key, [])), None)
+        config = dict(key) | ({FINGERPRINT: fingerprint} if fingerprint else {})
+        groups.setdefault((key, fingerprint), Group([], config)).runs.append(run)
+    every = {group.config[FINGERPRINT] for group in groups.values() if FINGERPRINT in group.config}
+    if len(every) == 1:
+        for group in groups.values():
+            group.config.setdefault(FINGERPRINT, next(iter(every)))
     return list(groups.values())
 
 
@@ -554,10 +579,10 @@ def verdict_record(
 
 
 def pooled_warnings(groups: Sequence[Group]) -> list[str]:
-    """A line for each group whose finished runs differ in code version, device or precision."""
+    """A line for each group whose finished runs differ in code version, device, precision or data set."""
     found = []
     for number, group in enumerate(groups, 1):
-        for key, what in (("code_version", "code versions"), ("device_name", "devices"), ("precision", "precisions")):
+        for key, what in PROVENANCE_POOLED:
             seen = list(dict.fromkeys(str(run.provenance.get(key, "unknown")) for run in group.done))
             if len(seen) > 1:
                 found.append(
