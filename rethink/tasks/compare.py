@@ -951,6 +951,7 @@ def config_group_defaults(group: str, option: str) -> dict:
 def compare(cfg: DictConfig, run_dir: Path) -> dict:
     """task=compare: the runs under `compare.dirs` (relative to the directory run.py was started from)."""
     settings: CompareConfig = OmegaConf.to_object(cfg.compare)
+    check_settings(settings)
     if not settings.dirs:
         raise UserError("compare.dirs=[]: name at least one folder: a sweep, a run, or outputs")
     roots = [Path(d).expanduser() for d in settings.dirs]
