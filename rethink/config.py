@@ -6,6 +6,7 @@ enum value (say `model.stages.1.block=fusd`) fails while the config is composed,
 """
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -80,6 +81,12 @@ class SchedulerName(Enum):
 class EvalSplit(Enum):  # the train split is augmented: scoring it would measure the augmentation
     val = "val"
     test = "test"
+
+
+class Correction(Enum):  # for the family of a comparison's verdicts (rethink/stats.py)
+    holm = "holm"  # Holm's step-down: the chance of any false better/worse stays at most the level
+    bonferroni = "bonferroni"  # the same, more conservative
+    none = "none"  # each verdict on its own: with many pairs, some are false
 
 
 class Progressive(Enum):
@@ -278,6 +285,9 @@ class CompareConfig:
     confidence: float = key(TASK, 0.95, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1)"))  # of every interval, and 1 - the level of the test
     power: float = key(TASK, 0.8, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1)"))  # for the smallest difference the seeds could detect
     detect: float = key(TASK, 0.005, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"))  # a difference in test accuracy (0.5 points) whose seeds needed the verdict reports
+    correction: Correction = key(TASK, Correction.holm)  # of the p-values of all of a comparison's verdicts, as one family
+    margin: float = key(TASK, 0.005, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"))  # equivalent: the difference shown to lie within +-margin (two one-sided tests)
+    bootstrap: int = key(TASK, 10000, allowed=Allowed(lambda v: v == 0 or v >= 100, "0 (none) or at least 100"))  # draws of the bootstrap over seeds and test images
 
 
 @dataclass
@@ -342,7 +352,12 @@ def validate(cfg: DictConfig) -> None:
 
 def config_from_checkpoint(saved: dict) -> DictConfig:
     """A saved run's config (plain dict) as a typed config again."""
-    return OmegaConf.merge(OmegaConf.structured(RethinkConfig), saved)
+    return OmegaConf.merge(_schema(), saved)  # merge copies its first config: the cached schema stays as it is
+
+
+@functools.cache
+def _schema() -> DictConfig:
+    return OmegaConf.structured(RethinkConfig)  # built once: task=compare reads hundreds of run records
 
 
 def changed_keys(cfg: DictConfig, reference: DictConfig) -> list[str]:

@@ -1,9 +1,11 @@
 """What this process finds around it: where caches and data live, whether it may download, the CPUs it may use,
-the CPU's name, and its place under torchrun. Read from the environment each time (tests and launchers change it);
+the CPU's name, the version of the code it runs, and its place under torchrun. Read from the environment each time (tests and launchers change it);
 imports nothing of the project."""
 
+import functools
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -43,6 +45,30 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@functools.cache
+def code_version(package: Path = PACKAGE_DIR) -> tuple[str, bool | None]:
+    """(the git commit of the checkout this package runs from, whether the checkout differs from it: edited, added
+    or deleted files that git does not ignore); ("unknown", None) outside a checkout (an installed package) or
+    without git. Asked once per process."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        # a package inside another repository's ignored folder (a virtual environment) is not that repository's code
+        tracked = git("ls-files", "--error-unmatch", "__init__.py")
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+    if tracked.returncode or commit.returncode or status.returncode:
+        return "unknown", None
+    return commit.stdout.strip(), bool(status.stdout.strip())
 
 
 def torchrun_rank() -> int | None:

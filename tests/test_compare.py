@@ -80,14 +80,14 @@ def test_welch_interval_verdicts_and_power_analysis():
     assert stats.compare_samples([0.9], better).verdict == stats.CANNOT_JUDGE
     assert stats.compare_samples([], better).diff is None
     # the detectable difference is the one the test finds with 80% power at the 5% level
-    assert stats.welch_power(d.detectable / se, df, 0.05) == pytest.approx(0.8, abs=1e-6)
+    assert stats.welch_power(d.detectable, 0.005**2, 3, 0.005**2, 3, 0.05) == pytest.approx(0.8, abs=1e-6)
     # seeds a side for 0.5 points at a 1-point spread: the first n with 80% power (the normal approximation says ~63)
     n = stats.seeds_needed(1e-4, 1e-4, 0.005, 0.05, 0.8)
-    power = lambda k: stats.welch_power(0.005 / math.sqrt(2e-4 / k), stats.welch_df(1e-4, k, 1e-4, k), 0.05)  # noqa: E731
+    power = lambda k: stats.welch_power(0.005, 1e-4, k, 1e-4, k, 0.05)  # noqa: E731
     assert power(n) >= 0.8 > power(n - 1) and 60 <= n <= 70
     assert stats.seeds_needed(1e-2, 1e-2, 0.005, 0.05, 0.8) is None  # more than MOST_SEEDS
     same = stats.compare_samples([0.5, 0.5], [0.7, 0.7])
-    assert same.verdict == stats.BETTER and same.detectable is None  # no spread: nothing to size a test by
+    assert same.verdict == stats.CANNOT_JUDGE and same.detectable is None  # no spread: nothing to judge or size a test by
 
 
 # Grouping ------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def train_images(run_dir) -> int:
 def test_ddp_under_torchrun_trains_one_run_as_one_process_with_the_global_batch_would(tmp_path, ddp, run_py, scalars):
     result = torchrun(*ddp, "trainer.epochs=2", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1 and len(list(tmp_path.glob("*.json"))) == 2  # metrics, classes
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1 and len(list(tmp_path.glob("*.json"))) == 3  # metrics, classes, provenance
     assert (tmp_path / "run.log").read_text().count("epoch 2/2") == 1  # rank 0 alone logs
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch"] == 8
@@ -110,6 +110,11 @@ def test_ddp_under_torchrun_trains_one_run_as_one_process_with_the_global_batch_
     assert ckpt["steps_per_epoch"] == train_images(tmp_path) // 8  # as one process with batch 8
     assert ckpt["scheduler"]["last_epoch"] == 2 * ckpt["steps_per_epoch"]
     assert metrics["test_images"] == sum(1 for line in (tmp_path / "splits.csv").read_text().splitlines() if line.startswith("test,"))
+    # the per-image test results of both processes' shards, each image with its own label
+    labels = {line.split(",")[3]: line.split(",")[1] for line in (tmp_path / "splits.csv").read_text().splitlines() if line.startswith("test,")}
+    scored = [line.split(",") for line in (tmp_path / "test_predictions.csv").read_text().splitlines()[1:]]
+    assert sorted(image for image, _, _ in scored) == sorted(labels) and all(labels[image] == label for image, label, _ in scored)
+    assert sum(label == predicted for _, label, predicted in scored) / len(scored) == pytest.approx(metrics["test_acc"])
     evaluated = run_py("task=eval", f"ckpt={tmp_path}", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["test_acc"] == metrics["test_acc"]

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ..config import value
 from ..environment import cache_dir, data_root
 from ..errors import UserError
-from .cache import ImageCache
+from .cache import ImageCache, content_digest
 from .datasets import TensorImages
 from .flowers import locate_flowers
 from .folder import Listing, list_folder
@@ -40,6 +40,7 @@ from .splits import (
     assign_splits,
     check_fractions,
     copies_across_splits,
+    fingerprint,
     manifest_rows,
     read_manifest,
     write_manifest,
@@ -75,6 +76,8 @@ class DataBundle:
     test: Dataset
     manifest: list[ManifestRow]  # every image's split; in-memory data sets name theirs <data set>/[part/]<index>
     skipped: list[str] = field(default_factory=list)  # "path: why" for each unreadable file the scan found
+    fingerprint: str = ""  # what the data set is: a hash of every image's split, label, name and content (splits.fingerprint)
+    test_names: list[str] = field(default_factory=list)  # the test split's images in its order, named as in the manifest
 
     def write_run_files(self, run_dir: Path) -> None:
         """classes.json (index -> name), splits.csv, skipped_files.txt (when any)."""
@@ -183,7 +186,10 @@ def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, sp
         return file_images(root, [paths[i] for i in chosen], [labels[i] for i in chosen], model_cfg, data_cfg,
                            train=split == "train", cache=cache, digests=[digests[i] for i in chosen])
 
-    bundle = DataBundle(classes, subset("train"), subset("val"), subset("test"), manifest_rows(splits, labels, classes, paths), skipped)
+    manifest = manifest_rows(splits, labels, classes, paths)
+    test_names = [path for path, split in zip(paths, splits) if split == "test"]
+    bundle = DataBundle(classes, subset("train"), subset("val"), subset("test"), manifest, skipped,
+                        fingerprint(manifest, dict(zip(paths, digests))), test_names)
     _log_sizes(bundle, root)
     return bundle
 
@@ -219,7 +225,10 @@ def _tensor_bundle(classes: list[str], images: torch.Tensor, labels: list[int], 
 
     train, evaluation = train_transform(model_cfg, data_cfg), eval_transform(model_cfg, data_cfg)
     manifest = manifest_rows(splits, labels, classes, paths)
-    bundle = DataBundle(classes, subset("train", train), subset("val", evaluation), subset("test", evaluation), manifest)
+    test_names = [path for path, split in zip(paths, splits) if split == "test"]
+    contents = {path: content_digest(image.numpy().tobytes()) for path, image in zip(paths, images)}
+    bundle = DataBundle(classes, subset("train", train), subset("val", evaluation), subset("test", evaluation), manifest,
+                        fingerprint=fingerprint(manifest, contents), test_names=test_names)
     _log_sizes(bundle, "memory")
     return bundle
 

@@ -7,6 +7,7 @@ subset that limited evaluation (`trainer.limit_val_batches`) scores.
 """
 
 import csv
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,11 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
 
 
 def assign_splits(
-    labels: Sequence[int], given: Sequence[str | None], fractions: Sequence[float], seed: int, copies: Sequence[str | None] | None = None
+    labels: Sequence[int],
+    given: Sequence[str | None],
+    fractions: Sequence[float],
+    seed: int,
+    copies: Sequence[str | None] | None = None,
 ) -> list[str]:
     """The split of every item. Items that came without one (an unsplit folder) are split stratified by
     `fractions`. When some came split (a train/ val/ test/ tree, CIFAR's train and test sets), a
@@ -124,10 +129,23 @@ class ManifestRow:
     path: str  # relative to the data set's folder, with forward slashes
 
 
-def manifest_rows(splits: Sequence[str], labels: Sequence[int], classes: Sequence[str], paths: Sequence[str]) -> list[ManifestRow]:
+def manifest_rows(
+    splits: Sequence[str], labels: Sequence[int], classes: Sequence[str], paths: Sequence[str]
+) -> list[ManifestRow]:
     """One row per item, sorted by split (train, val, test), then path."""
     rows = (ManifestRow(split, int(label), classes[label], path) for split, label, path in zip(splits, labels, paths))
     return sorted(rows, key=lambda row: (SPLITS.index(row.split), row.path))
+
+
+def fingerprint(rows: Iterable[ManifestRow], contents: dict[str, str]) -> str:
+    """What a data set is, as 16 hex digits: every image's split, label, class name, name and content hash
+    (`contents`: name -> hash); the same for the same images however they are stored or where they lie."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(
+            f"{row.split}\t{row.label}\t{row.class_name}\t{row.path}\t{contents.get(row.path, '')}\n".encode()
+        )
+    return digest.hexdigest()[:16]
 
 
 def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> None:

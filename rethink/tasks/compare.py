@@ -1,15 +1,17 @@
 """task=compare: training runs grouped across seeds, set against each other, with a verdict.
 
-It reads only what every training run already leaves (`.hydra/config.yaml`, `metrics.json`, `run.log`,
-TensorBoard events), so old runs compare too. Top to bottom:
+It reads only what training runs leave (`.hydra/config.yaml`, `metrics.json`, `provenance.json`,
+`test_predictions.csv`, `run.log`, TensorBoard events), so old runs compare too. Top to bottom:
 1. reading: find the run folders under the given folders, and read each run's config, state
-   (done, failed, stopped, incomplete), metrics and val-accuracy curve;
-2. grouping: runs whose configs differ only in ignored keys (seed, device, workers, ...) form a group,
-   labelled by the keys that tell the groups apart;
-3. judging: groups are paired (baseline, candidate) and each pair judged by rethink/stats.py;
-4. writing: comparison.md, comparison.csv, accuracy_vs_cost.png and val_curves.png, and the table on stdout.
+   (done, failed, stopped, incomplete), metrics, provenance, per-image test results and val-accuracy curve;
+2. grouping: runs whose configs differ only in ignored keys (seed, device, workers, ...) and that ran on the
+   same data set (its split's fingerprint) form a group, labelled by the keys that tell the groups apart;
+   groups are paired (baseline, candidate) so that each pair differs in one key, unless the user picks pairs;
+3. judging: the pairs are judged as one family by rethink/stats.py;
+4. writing: comparison.md, comparison.csv, verdicts.csv, accuracy_vs_cost.png and val_curves.png, and the
+   table and verdicts on stdout.
 `compare` (task=compare) and `compare_sweep` (the end of every sweep) share `build_comparison` and
-`write_comparison`. Accuracies are fractions in the CSV and percentages (2 decimals) everywhere else.
+`write_comparison`. Accuracies are fractions in the CSVs and percentages (2 decimals) everywhere else.
 """
 
 import csv
@@ -27,9 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import stats
 from ..atomic import atomic_write, atomic_write_text
-from ..config import CompareConfig, config_from_checkpoint, plain, value
+from ..config import KEYS, CompareConfig, config_from_checkpoint, plain, value
 from ..errors import UserError
 from ..hydra_app import compose_config
+from ..train.provenance import FILE as PROVENANCE_FILE
+from ..train.report import TEST_RESULTS
 
 log = logging.getLogger("rethink")
 
@@ -41,6 +45,15 @@ LOG_MARKERS = (
     (re.compile(r"\[INFO\]\s*(resuming .*)"), INCOMPLETE),
 )
 ABSENT = "-"  # a key that one group's config does not have
+FINGERPRINT = "data.fingerprint"  # the data set's identity (its split's fingerprint), grouped by as a key of the config
+PROVENANCE = ("code_version", "device_name", "precision", "torch_version", "data_fingerprint")
+# what a group's runs should share, and a warning says when they do not ("unknown": a run that did not record it)
+PROVENANCE_POOLED = (
+    ("code_version", "code versions"),
+    ("device_name", "devices"),
+    ("precision", "precisions"),
+    ("data_fingerprint", "data sets"),
+)
 
 
 # 1. Reading runs -----------------------------------------------------------------------------------
@@ -55,6 +68,16 @@ class Run:
     metrics: dict  # metrics.json ({} until the run finished)
     val_curve: dict  # epoch -> val accuracy, from TensorBoard
     note: str = ""  # why it failed or stopped, from run.log
+    provenance: dict = field(default_factory=dict)  # provenance.json (code version, device, ...; {} for older runs)
+    test_results: Optional["TestResults"] = None  # test_predictions.csv of a finished run (None for older runs)
+
+
+@dataclass(frozen=True)
+class TestResults:
+    """A run's per-image test results, sorted by image name."""
+
+    images: tuple[str, ...]
+    correct: np.ndarray  # bool, one per image
 
 
 def find_run_dirs(roots: Sequence[Path]) -> list[Path]:
@@ -87,7 +110,28 @@ def read_run(folder: Path) -> Optional[Run]:
         state, note = _state_from_log(folder / "run.log")
         if state is None:
             state = FAILED if session_failed else INCOMPLETE
-    return Run(folder, config, flatten(config), state, metrics or {}, val_curve, note)
+    recorded = {
+        **{k: metrics[k] for k in PROVENANCE if k in (metrics or {})},
+        **(_load_json(folder / PROVENANCE_FILE) or {}),
+    }
+    flat = flatten(config)
+    if recorded.get("data_fingerprint"):  # what the data set is, wherever it lay (data.root is a how-key)
+        flat[FINGERPRINT] = recorded["data_fingerprint"]
+    results = read_test_results(folder / TEST_RESULTS) if state == DONE else None
+    return Run(folder, config, flat, state, metrics or {}, val_curve, note, recorded, results)
+
+
+def read_test_results(path: Path) -> Optional[TestResults]:
+    """test_predictions.csv (image, label, predicted), sorted by image; None when absent or unreadable."""
+    try:
+        with open(path, newline="") as f:
+            rows = sorted((r["image"], r["label"] == r["predicted"]) for r in csv.DictReader(f))
+    except (OSError, KeyError, csv.Error):
+        return None
+    if not rows:
+        return None
+    images, correct = zip(*rows)
+    return TestResults(tuple(images), np.array(correct, dtype=bool))
 
 
 def _load_config(path: Path) -> Optional[dict]:
@@ -146,7 +190,9 @@ def _read_events(folder: Path) -> tuple[dict, bool]:
         session = events.PluginTagToContent(metadata.PLUGIN_NAME).get(metadata.SESSION_END_INFO_TAG)
     except KeyError:  # no HPARAMS data in the events
         session = None
-    failed = session is not None and metadata.parse_session_end_info_plugin_data(session).status == api_pb2.STATUS_FAILURE
+    failed = (
+        session is not None and metadata.parse_session_end_info_plugin_data(session).status == api_pb2.STATUS_FAILURE
+    )
     return curve, failed
 
 
@@ -196,12 +242,30 @@ def is_ignored(key: str, ignored: Sequence[str]) -> bool:
 
 
 def group_runs(runs: Sequence[Run], ignored: Sequence[str]) -> list[Group]:
-    """Runs with equal configs once the `ignored` keys (and everything under them) are left out, in
-    the order of their first run."""
-    groups: dict[tuple, Group] = {}
+    """Runs with equal configs once the `ignored` keys (and everything under them) are left out, and on the same
+    data set (FINGERPRINT), in the order of their first run. A run that recorded no data set (one that failed before
+    it started training, or an older run) joins the first group of its config that did; where no group of any config
+    recorded one but one data set runs through all the groups, that is taken for the groups that did not record it."""
+    use_fingerprint = not is_ignored(FINGERPRINT, ignored)
+    keys, fingerprints = [], []
+    seen: dict[tuple, list[str]] = {}  # config -> the data sets its runs recorded, in order
     for run in runs:
-        config = {k: v for k, v in run.flat.items() if not is_ignored(k, ignored)}
-        groups.setdefault(tuple(sorted(config.items(), key=lambda item: item[0])), Group([], config)).runs.append(run)
+        config = {k: v for k, v in run.flat.items() if not is_ignored(k, ignored) and k != FINGERPRINT}
+        key = tuple(sorted(config.items(), key=lambda item: item[0]))
+        fingerprint = run.flat.get(FINGERPRINT) if use_fingerprint else None
+        keys.append(key)
+        fingerprints.append(fingerprint)
+        if fingerprint is not None and fingerprint not in seen.setdefault(key, []):
+            seen[key].append(fingerprint)
+    groups: dict[tuple, Group] = {}
+    for run, key, fingerprint in zip(runs, keys, fingerprints):
+        fingerprint = fingerprint or next(iter(seen.get(key, [])), None)
+        config = dict(key) | ({FINGERPRINT: fingerprint} if fingerprint else {})
+        groups.setdefault((key, fingerprint), Group([], config)).runs.append(run)
+    every = {group.config[FINGERPRINT] for group in groups.values() if FINGERPRINT in group.config}
+    if len(every) == 1:
+        for group in groups.values():
+            group.config.setdefault(FINGERPRINT, next(iter(every)))
     return list(groups.values())
 
 
@@ -235,14 +299,20 @@ def pick_groups(groups: Sequence[Group], option: str, text: str) -> list[Group]:
     for condition in text.split(","):
         match = re.fullmatch(r"\s*([^=:\s]+)\s*[=:]\s*(.*?)\s*", condition)
         if not match:
-            raise UserError(f"compare.{option}={text}: expected key=value (key:value on the command line), e.g. model.stages.3.block=mbconv")
+            raise UserError(
+                f"compare.{option}={text}: expected key=value (key:value on the command line), e.g. model.stages.3.block=mbconv"
+            )
         key, wanted = match[1], match[2]
         if key not in keys and f"{key}.name" in keys:  # a group's name: model=v2_s means model.name=v2_s
             key = f"{key}.name"
         if key not in keys:
             differing = ", ".join(k for k in groups[0].label) or "none, there is one group"
             ignored = any(key in run.flat for group in groups for run in group.runs)
-            why = f"{key} is a key in which runs of one group may differ (compare.ignore)" if ignored else f"the runs have no key {key}"
+            why = (
+                f"{key} is a key in which runs of one group may differ (compare.ignore)"
+                if ignored
+                else f"the runs have no key {key}"
+            )
             raise UserError(f"compare.{option}={text}: {why}; the keys that differ between groups: {differing}")
         picked = [g for g in picked if _matches(g.config.get(key, ABSENT), wanted)]
         if not picked:
@@ -251,24 +321,47 @@ def pick_groups(groups: Sequence[Group], option: str, text: str) -> list[Group]:
     return picked
 
 
-def pair_groups(groups: Sequence[Group], baseline: Optional[list[Group]], candidate: Optional[list[Group]]) -> list[tuple[Group, Group]]:
-    """(baseline, candidate) pairs. Without filters every group is set against the first. When a filter
-    picks several groups (one per model, say), each candidate is set against the baseline group that
-    differs from it in the fewest keys."""
+def pair_groups(
+    groups: Sequence[Group], baseline: Optional[list[Group]], candidate: Optional[list[Group]]
+) -> list[tuple[Group, Group]]:
+    """(baseline, candidate) pairs. Without filters, the pairs that differ in one key (`one_change_pairs`). When a
+    filter picks several groups (one per model, say), each candidate is set against the baseline group that differs
+    from it in the fewest keys (those pairs may differ in several: the user asked for them)."""
     if baseline is None and candidate is None:
-        return [(groups[0], group) for group in groups[1:]]
+        return one_change_pairs(groups)
     if baseline is None:
         baseline = [g for g in groups if g not in candidate]
     if candidate is None:
         candidate = [g for g in groups if g not in baseline]
     candidate = [g for g in candidate if g not in baseline]
     if not baseline or not candidate:
-        raise UserError("compare.baseline and compare.candidate pick the same groups; they must leave at least one group on each side")
+        raise UserError(
+            "compare.baseline and compare.candidate pick the same groups; they must leave at least one group on each side"
+        )
+    return [(min(baseline, key=lambda b: changes(b, c)), c) for c in candidate]
 
-    def distance(a: Group, b: Group) -> int:
-        return sum(a.label.get(k) != b.label.get(k) for k in a.label)
 
-    return [(min(baseline, key=lambda b: distance(b, c)), c) for c in candidate]
+def one_change_pairs(groups: Sequence[Group]) -> list[tuple[Group, Group]]:
+    """Each group set against every group that differs from it in exactly one of the keys that tell groups apart,
+    that key having its first value there (the first group's: in a sweep, the first value swept). Every verdict then
+    reads as the effect of one change: in `model=b0,v2_s model.stages.3.block=mbconv,fused`, (v2_s, fused) meets
+    (v2_s, mbconv) and (b0, fused), never (b0, mbconv). Ordered by candidate, then by key."""
+    if not groups:
+        return []
+    first = groups[0].label
+    pairs = []
+    for candidate in groups:
+        for key in candidate.label:
+            if candidate.label[key] == first[key]:
+                continue
+            wanted = {**candidate.label, key: first[key]}
+            pairs += [(g, candidate) for g in groups if g.label == wanted]
+    return pairs
+
+
+def changes(a: Group, b: Group) -> int:
+    """The keys that tell groups apart in which `a` and `b` differ."""
+    return sum(a.label.get(k) != b.label.get(k) for k in a.label)
 
 
 def _matches(actual: Any, wanted: str) -> bool:
@@ -301,10 +394,18 @@ class Comparison:
     verdicts: list[dict]  # one per pair
     settings: CompareConfig
     sources: list[str]
+    # groups that pool runs of different code versions, devices or precisions
+    warnings: list[str] = field(default_factory=list)
+    unpaired: list[int] = field(default_factory=list)  # the numbers of groups in no pair
 
 
-def build_comparison(runs: Sequence[Run], settings: CompareConfig, sources: Sequence[str] = (),
-                     option_defaults: Optional[Callable[[str, str], dict]] = None) -> Comparison:
+def build_comparison(
+    runs: Sequence[Run],
+    settings: CompareConfig,
+    sources: Sequence[str] = (),
+    option_defaults: Optional[Callable[[str, str], dict]] = None,
+) -> Comparison:
+    check_settings(settings)
     groups = group_runs(runs, ["seed", *settings.ignore, *settings.also_ignore])
     keys = label_groups(groups, option_defaults or config_group_defaults)
     pairs = []
@@ -313,8 +414,38 @@ def build_comparison(runs: Sequence[Run], settings: CompareConfig, sources: Sequ
         candidate = pick_groups(groups, "candidate", settings.candidate) if settings.candidate else None
         pairs = pair_groups(groups, baseline, candidate)
     rows = [summarise(number, group, settings.confidence) for number, group in enumerate(groups, 1)]
-    verdicts = [judge(groups.index(a) + 1, a, groups.index(b) + 1, b, settings) for a, b in pairs]
-    return Comparison(groups, keys, rows, verdicts, settings, list(sources))
+    verdicts = judge(groups, pairs, settings)
+    in_pairs = {group for pair in pairs for group in pair}
+    unpaired = [number for number, group in enumerate(groups, 1) if group not in in_pairs] if len(groups) > 1 else []
+    return Comparison(groups, keys, rows, verdicts, settings, list(sources), pooled_warnings(groups), unpaired)
+
+
+def check_settings(s: CompareConfig) -> None:
+    """What the ranges of the compare.* keys cannot say alone, as a one-line UserError."""
+    alpha = 1 - s.confidence
+    if s.power <= alpha:
+        raise UserError(
+            f"compare.power={s.power}: must be above the level of the test, 1 - compare.confidence = {percent(alpha)} "
+            "(a test has that power for no difference at all); 0.8 is usual"
+        )
+    for option in ("ignore", "also_ignore"):
+        unknown = [name for name in getattr(s, option) if name != FINGERPRINT and not KEYS.under(name)]
+        if unknown:
+            raise UserError(
+                f"compare.{option}: {unknown[0]} is no key of the config; name keys or groups as the config does "
+                "(trainer.device, data.on_gpu, eval)"
+            )
+
+
+def rules_of(settings: CompareConfig) -> stats.Rules:
+    return stats.Rules(
+        settings.confidence,
+        settings.power,
+        settings.detect,
+        settings.margin,
+        value(settings.correction),
+        settings.bootstrap,
+    )
 
 
 def summarise(number: int, group: Group, confidence: float) -> dict:
@@ -322,7 +453,11 @@ def summarise(number: int, group: Group, confidence: float) -> dict:
     done = group.done
     test = stats.describe(per_seed(done, "test_acc"), confidence)
     best_val = stats.describe(per_seed(done, "best_val_acc"), confidence)
-    epochs = [r.metrics["train_time_s"] / r.metrics["epochs"] for r in done if r.metrics.get("epochs") and "train_time_s" in r.metrics]
+    epochs = [
+        r.metrics["train_time_s"] / r.metrics["epochs"]
+        for r in done
+        if r.metrics.get("epochs") and "train_time_s" in r.metrics
+    ]
     params = _mean(_values(done, "params"))
     return {
         "group": number,
@@ -344,16 +479,117 @@ def summarise(number: int, group: Group, confidence: float) -> dict:
     }
 
 
-def judge(number_a: int, baseline: Group, number_b: int, candidate: Group, settings: CompareConfig) -> dict:
-    d = stats.compare_samples(per_seed(baseline.done, "test_acc"), per_seed(candidate.done, "test_acc"),
-                              settings.confidence, settings.power, settings.detect)
+def judge(groups: Sequence[Group], pairs: Sequence[tuple[Group, Group]], settings: CompareConfig) -> list[dict]:
+    """Every pair's verdict, the pairs judged as one family (rethink/stats.py), one dict each (verdicts.csv's rows)."""
+    rules = rules_of(settings)
+    inputs = [pair_input(a, b) for a, b in pairs]
+    judged = stats.judge_pairs(inputs, rules)
+    return [
+        verdict_record(groups.index(a) + 1, a, groups.index(b) + 1, b, d, rules, pair)
+        for (a, b), d, pair in zip(pairs, judged, inputs)
+    ]
+
+
+def pair_input(baseline: Group, candidate: Group) -> stats.Pair:
+    """A pair's numbers: test accuracy per seed, one test image as a fraction of accuracy (from the runs' test
+    images; None when a run did not record them) and the seeds' per-image results where every run saved them."""
+    counts = [run.metrics.get("test_images") for run in baseline.done + candidate.done]
+    known = counts and all(isinstance(n, int) and n > 0 for n in counts)
+    a, b = seed_results(baseline.done), seed_results(candidate.done)
+    return stats.Pair(
+        per_seed(baseline.done, "test_acc"),
+        per_seed(candidate.done, "test_acc"),
+        1 / max(counts) if known else None,
+        a[1] if a else None,
+        b[1] if b else None,
+        paired=bool(a and b and a[0] == b[0]),
+    )
+
+
+def seed_results(runs: Sequence[Run]) -> Optional[tuple[tuple[str, ...], np.ndarray]]:
+    """(the test images, seeds x images: 1 where the seed's run got the image right; runs that repeat a seed are
+    averaged, as in per_seed), or None when a run lacks its per-image results or the runs scored different images."""
+    by_seed: dict[Any, list[np.ndarray]] = {}
+    images = None
+    for run in runs:
+        if not isinstance(run.metrics.get("test_acc"), (int, float)):
+            continue
+        if run.test_results is None or images not in (None, run.test_results.images):
+            return None
+        images = run.test_results.images
+        by_seed.setdefault(run.flat.get("seed", run.path), []).append(run.test_results.correct)
+    if not by_seed:
+        return None
+    return images, np.array([np.mean(rows, axis=0) for rows in by_seed.values()])
+
+
+def verdict_record(
+    number_a: int,
+    baseline: Group,
+    number_b: int,
+    candidate: Group,
+    d: stats.Difference,
+    rules: stats.Rules,
+    pair: stats.Pair,
+) -> dict:
+    """Every number of one verdict (accuracies and differences as fractions)."""
+    boot = d.bootstrap
+    needed_low, needed_high = d.seeds_needed_range or (None, None)
     return {
-        "baseline": number_a, "candidate": number_b,
-        "baseline_name": baseline.name_against(candidate), "candidate_name": candidate.name_against(baseline),
-        "baseline_seeds": d.baseline.n, "candidate_seeds": d.candidate.n,
-        "diff": d.diff, "ci_low": d.ci[0] if d.ci else None, "ci_high": d.ci[1] if d.ci else None, "p_value": d.p_value,
-        "verdict": d.verdict, "detectable": d.detectable, "seeds_needed": d.seeds_needed,
+        "baseline": number_a,
+        "candidate": number_b,
+        "baseline_name": baseline.name_against(candidate),
+        "candidate_name": candidate.name_against(baseline),
+        "changes": changes(baseline, candidate),
+        "baseline_seeds": d.baseline.n,
+        "candidate_seeds": d.candidate.n,
+        "verdict": d.verdict,
+        "reason": "; ".join([d.reason, *d.notes] if d.reason else d.notes),
+        "diff": d.diff,
+        "ci_low": d.ci[0] if d.ci else None,
+        "ci_high": d.ci[1] if d.ci else None,
+        "confidence": rules.confidence,
+        "se": d.se,
+        "df": d.df,
+        "t": d.t,
+        "p_value": d.p_value,
+        "correction": rules.correction,
+        "comparisons": d.comparisons,
+        "p_adjusted": d.p_adjusted,
+        "effect_size": d.effect_size,
+        "margin": rules.margin,
+        "p_equivalence": d.p_equivalence,
+        "p_equivalence_adjusted": d.p_equivalence_adjusted,
+        "test_images": round(1 / pair.resolution) if pair.resolution else None,
+        "bootstrap_draws": boot.draws if boot else None,
+        "bootstrap_low": boot.ci[0] if boot else None,
+        "bootstrap_high": boot.ci[1] if boot else None,
+        "p_beat": d.p_beat,
+        "p_beat_low": boot.p_beat_ci[0] if boot else None,
+        "p_beat_high": boot.p_beat_ci[1] if boot else None,
+        "levels_agree": d.levels_agree,
+        "power": rules.power,
+        "level": d.level,
+        "detectable": d.detectable,
+        "detect": rules.detect,
+        "seeds_needed": d.seeds_needed,
+        "seeds_needed_low": needed_low,
+        "seeds_needed_high": needed_high,
     }
+
+
+def pooled_warnings(groups: Sequence[Group]) -> list[str]:
+    """A line for each group whose finished runs differ in code version, device, precision or data set."""
+    found = []
+    for number, group in enumerate(groups, 1):
+        for key, what in PROVENANCE_POOLED:
+            seen = list(dict.fromkeys(str(run.provenance.get(key, "unknown")) for run in group.done))
+            if len(seen) > 1:
+                found.append(
+                    f"group #{number} pools runs of different {what} ({', '.join(seen)}): its spread over seeds "
+                    "includes whatever they change"
+                )
+    return found
 
 
 def per_seed(runs: Sequence[Run], key: str) -> list[float]:
@@ -395,16 +631,20 @@ def write_comparison(comparison: Comparison, out_dir: Path) -> str:
         _save(_val_curves(comparison), out_dir / "val_curves.png")
     table = markdown(comparison)
     atomic_write_text(out_dir / "comparison.md", table + _runs_section(comparison))
-    atomic_write_text(out_dir / "comparison.csv", _csv(comparison))
+    atomic_write_text(out_dir / "comparison.csv", _csv(comparison.rows))
+    atomic_write_text(out_dir / "verdicts.csv", _csv(comparison.verdicts))
     print(table, end="")
-    print(f"wrote {out_dir / 'comparison.md'}, comparison.csv" + (", accuracy_vs_cost.png, val_curves.png" if finished else ""))
+    print(
+        f"wrote {out_dir / 'comparison.md'}, comparison.csv, verdicts.csv"
+        + (", accuracy_vs_cost.png, val_curves.png" if finished else "")
+    )
     return table
 
 
 def markdown(comparison: Comparison) -> str:
     """The table, the verdicts and the runs that did not finish, as Markdown."""
     s = comparison.settings
-    level = f"{s.confidence:.0%}"
+    level = percent(s.confidence)
     lines = ["# Comparison", ""]
     if comparison.sources:
         lines += [f"Runs under: {', '.join(comparison.sources)}", ""]
@@ -420,23 +660,58 @@ def markdown(comparison: Comparison) -> str:
         + (" Runs that repeat a seed in one group are averaged first." if _repeats_a_seed(comparison.groups) else ""),
         "",
     ]
-    header = ["#", *comparison.keys, "seeds", "runs", "test acc %", f"{level} CI", "best val acc %", "final train loss",
-              "params", "GMACs", "s/epoch", "img/s", "peak MB"]
+    header = [
+        "#",
+        *comparison.keys,
+        "seeds",
+        "runs",
+        "test acc %",
+        f"{level} CI",
+        "best val acc %",
+        "final train loss",
+        "params",
+        "GMACs",
+        "s/epoch",
+        "img/s",
+        "peak MB",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in comparison.rows:
         cells = [
-            str(row["group"]), *(row[k] for k in comparison.keys), str(row["seeds"]), row["runs"],
-            _pm(row["test_acc_mean"], row["test_acc_std"]), _interval(row["test_acc_ci_low"], row["test_acc_ci_high"]),
-            _pm(row["best_val_acc_mean"], row["best_val_acc_std"]), _number(row["final_train_loss"], ".4f"),
-            _number(row["params"], ",.0f"), _number(row["gmacs"], ".3f"), _number(row["s_per_epoch"], ".1f"),
-            _number(row["train_img_s"], ".0f"), _number(row["peak_memory_mb"], ".0f"),
+            str(row["group"]),
+            *(row[k] for k in comparison.keys),
+            str(row["seeds"]),
+            row["runs"],
+            _pm(row["test_acc_mean"], row["test_acc_std"]),
+            _interval(row["test_acc_ci_low"], row["test_acc_ci_high"]),
+            _pm(row["best_val_acc_mean"], row["best_val_acc_std"]),
+            _number(row["final_train_loss"], ".4f"),
+            _number(row["params"], ",.0f"),
+            _number(row["gmacs"], ".3f"),
+            _number(row["s_per_epoch"], ".1f"),
+            _number(row["train_img_s"], ".0f"),
+            _number(row["peak_memory_mb"], ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if comparison.warnings:
+        lines += ["Warnings:", "", *(f"- {warning}" for warning in comparison.warnings), ""]
     if comparison.verdicts:
-        lines += [f"## Verdicts (candidate - baseline, test accuracy; Welch's t, {level} confidence)", ""]
-        lines += [f"- {_verdict_line(v, s)}" for v in comparison.verdicts]
+        lines += [
+            "## Verdicts (candidate - baseline, test accuracy in points)",
+            "",
+            _family_sentence(comparison.verdicts, s),
+            "",
+        ]
+        lines += [_verdict_lines(v, s) for v in comparison.verdicts]
         lines.append("")
+    if comparison.unpaired:
+        numbers = ", ".join(f"#{n}" for n in comparison.unpaired)
+        lines += [
+            f"Not set against any group: {numbers} (no group differs from {'it' if len(comparison.unpaired) == 1 else 'them'} "
+            "in one key alone, at that key's first value); compare.baseline and compare.candidate pick pairs by hand.",
+            "",
+        ]
     unfinished = [run for run in runs if run.state != DONE]
     if unfinished:
         lines += ["## Runs that did not finish", ""]
@@ -449,44 +724,135 @@ def _repeats_a_seed(groups: Sequence[Group]) -> bool:
     return any(len({run.flat.get("seed") for run in g.done}) < len(g.done) for g in groups)
 
 
-def _verdict_line(v: dict, s: CompareConfig) -> str:
-    pair = f"#{v['candidate']} ({v['candidate_name']}) vs #{v['baseline']} ({v['baseline_name']})"
-    seeds = f"{v['candidate_seeds']} vs {v['baseline_seeds']} seeds"
-    if v["diff"] is None:
-        return f"{pair}, {seeds}: **{v['verdict']}** (a side has no finished run)"
-    text = f"{pair}, {seeds}: {_points(v['diff'])} points"
-    if v["ci_low"] is None:
-        return f"{text}: **{v['verdict']}** (fewer than 2 seeds on a side: no spread to judge by)"
-    if v["detectable"] is None:
-        return f"{text}: **{v['verdict']}** (every seed gave the same accuracy on both sides: no spread to size a test by)"
-    needed = f"{v['seeds_needed']}" if v["seeds_needed"] is not None else f"more than {stats.MOST_SEEDS}"
+def _family_sentence(verdicts: Sequence[dict], s: CompareConfig) -> str:
+    """What the verdicts rest on: the seeds, the correction for their number, the test split."""
+    m = max((v["comparisons"] for v in verdicts if v["p_value"] is not None), default=0)
+    alpha, correction = 1 - s.confidence, value(s.correction)
+    if m <= 1:
+        family = "One verdict with a test: nothing to correct for."
+    elif correction == "none":
+        family = (
+            f"The {m} verdicts are not corrected for their number (compare.correction=none): the chance of at least one "
+            f"false **better** or **worse** among them is up to {percent(1 - (1 - alpha) ** m)}."
+        )
+    else:
+        method = "Holm's step-down method" if correction == "holm" else "Bonferroni's method"
+        family = (
+            f"The p-values of the {m} verdicts are adjusted together by {method} (compare.correction={correction}): "
+            f"the chance of any false **better** or **worse** among them is at most {percent(alpha)}."
+        )
     return (
-        f"{text}, CI [{_points(v['ci_low'])}, {_points(v['ci_high'])}]: **{v['verdict']}**. "
-        f"These seeds detect {100 * v['detectable']:.2f} points ({s.power:.0%} power, {1 - s.confidence:.0%} level); "
-        f"{100 * s.detect:.2f} points would need {needed} seeds a side."
+        f"Each verdict rests on the test accuracy of each seed (Welch's t at level {percent(alpha)}). {family} "
+        "The test images are one fixed draw (data.split_seed): the interval over seeds and test images adds their "
+        "sampling; nothing here covers other data sets, training lengths or code versions (those of the runs are "
+        "listed at the end of comparison.md)."
     )
+
+
+def _verdict_lines(v: dict, s: CompareConfig) -> str:
+    """One verdict: the headline, then one line per level of evidence."""
+    pair = f"#{v['candidate']} ({v['candidate_name']}) vs #{v['baseline']} ({v['baseline_name']})"
+    head = f"- {pair}, {v['candidate_seeds']} vs {v['baseline_seeds']} seeds: **{_verdict_words(v)}**"
+    if v["changes"] > 1:
+        head += f" (the pair differs in {v['changes']} keys: a verdict on all the changes together)"
+    if v["p_value"] is None:
+        points = f"{_points(v['diff'])} points; " if v["diff"] is not None else ""
+        return f"{head} ({points}{v['reason']})"
+    if v["reason"]:
+        head += f" ({v['reason']})"
+    if v["levels_agree"] is False:
+        head += (
+            "; but over seeds and test images the interval holds 0: the test images cannot confirm it "
+            "(a larger test split, or the gain shown on another data set, would)"
+        )
+    adjusted = (
+        f", {value(s.correction).capitalize()}-adjusted p {_p(v['p_adjusted'])} (of {v['comparisons']})"
+        if value(s.correction) != "none" and v["comparisons"] > 1
+        else ""
+    )
+    effect = f"; effect size d = {v['effect_size']:.2f}" if v["effect_size"] is not None else ""
+    margin = f"±{100 * v['margin']:.2f} points"
+    equivalence = "shown" if v["p_equivalence_adjusted"] < 1 - s.confidence else "not shown"
+    lines = [
+        head,
+        f"  - over seeds: {_points(v['diff'])} points, {percent(s.confidence)} CI [{_points(v['ci_low'])}, {_points(v['ci_high'])}] "
+        f"(not adjusted); Welch t = {v['t']:.2f} with {v['df']:.1f} df, p {_p(v['p_value'])}{adjusted}{effect}",
+        f"  - equivalence within {margin}: {equivalence} (two one-sided tests, p {_p(v['p_equivalence'])}"
+        + (f", adjusted {_p(v['p_equivalence_adjusted'])})" if adjusted else ")"),
+    ]
+    p_beat = f"P(#{v['candidate']} beats #{v['baseline']} on a new seed) = {v['p_beat']:.2f}"
+    if v["bootstrap_draws"]:
+        lines.append(
+            f"  - over seeds and test images ({v['test_images']} images, bootstrap of {v['bootstrap_draws']} draws): "
+            f"{percent(s.confidence)} interval [{_points(v['bootstrap_low'])}, {_points(v['bootstrap_high'])}] points; "
+            f"{p_beat}, interval [{v['p_beat_low']:.2f}, {v['p_beat_high']:.2f}]"
+        )
+    else:
+        lines.append(
+            f"  - over seeds and test images: not available (a run saved no per-image test results); {p_beat} (over the seeds' pairs)"
+        )
+    needed = f"{v['seeds_needed']}" if v["seeds_needed"] is not None else f"more than {stats.MOST_SEEDS}"
+    low, high = (
+        str(n) if n is not None else f"more than {stats.MOST_SEEDS}"
+        for n in (v["seeds_needed_low"], v["seeds_needed_high"])
+    )
+    lines.append(
+        f"  - power: these seeds detect {100 * v['detectable']:.2f} points ({percent(s.power)} power at level "
+        f"{percent(v['level'])}); {100 * s.detect:.2f} points would need {needed} seeds a side ({low} to {high} over the "
+        f"spread's {percent(s.confidence)} interval)"
+    )
+    return "\n".join(lines)
+
+
+def _verdict_words(v: dict) -> str:
+    if v["verdict"] == stats.EQUIVALENT:
+        return f"equivalent within ±{100 * v['margin']:.2f} points"
+    return v["verdict"]
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
+def percent(fraction: float) -> str:
+    """A fraction as a percentage with the decimals it needs (95%, 99.9%, 0.1%), never rounded to 100% or 0%."""
+    for decimals in range(4):
+        text = f"{100 * fraction:.{decimals}f}"
+        if abs(float(text) - 100 * fraction) < 1e-9 * max(1.0, 100 * fraction):
+            return f"{text}%"
+    return f"{100 * fraction:.3g}%"
 
 
 def _runs_section(comparison: Comparison) -> str:
     """Every run, and the keys left out of the grouping (comparison.md only, not the screen)."""
     if not comparison.groups:
         return ""
-    lines = ["## Runs", "", "| group | seed | state | test acc % | folder |", "|---|---|---|---|---|"]
+    lines = [
+        "## Runs",
+        "",
+        "| group | seed | state | test acc % | code version | device | precision | folder |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for number, group in enumerate(comparison.groups, 1):
         for run in group.runs:
             test = run.metrics.get("test_acc")
-            lines.append(f"| {number} | {run.flat.get('seed', ABSENT)} | {run.state} | {_number(test and 100 * test, '.2f')} | {run.path} |")
+            recorded = [run.provenance.get(key, "unknown") for key in ("code_version", "device_name", "precision")]
+            lines.append(
+                f"| {number} | {run.flat.get('seed', ABSENT)} | {run.state} | {_number(test and 100 * test, '.2f')} | "
+                + " | ".join(map(str, recorded))
+                + f" | {run.path} |"
+            )
     ignored = ", ".join(dict.fromkeys(["seed", *comparison.settings.ignore, *comparison.settings.also_ignore]))
     lines += ["", f"Keys in which runs of one group may differ (compare.ignore, compare.also_ignore): {ignored}."]
     return "\n" + "\n".join(lines) + "\n"
 
 
-def _csv(comparison: Comparison) -> str:
+def _csv(rows: Sequence[dict]) -> str:
     out = io.StringIO()
-    if comparison.rows:
-        writer = csv.DictWriter(out, fieldnames=list(comparison.rows[0]), lineterminator="\n")
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in comparison.rows)
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     return out.getvalue()
 
 
@@ -537,7 +903,8 @@ def _accuracy_vs_cost(comparison: Comparison):
     for axes in (by_gmacs, by_params):
         axes.set_ylabel("test accuracy % (mean ± std over seeds)")
         axes.grid(alpha=0.3)
-    by_params.legend(fontsize=7, loc="best")
+    if by_params.get_legend_handles_labels()[0]:
+        by_params.legend(fontsize=7, loc="best")
     figure.suptitle("Test accuracy against cost")
     return figure
 
@@ -553,13 +920,16 @@ def _val_curves(comparison: Comparison):
         per_epoch = [[100 * c[e] for c in curves if e in c] for e in epochs]
         mean = np.array([np.mean(v) for v in per_epoch])
         std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_epoch])
-        (line,) = axes.plot(epochs, mean, marker="o", markersize=3, label=f"#{number} {group.name} ({len(curves)} seeds)")
+        (line,) = axes.plot(
+            epochs, mean, marker="o", markersize=3, label=f"#{number} {group.name} ({len(curves)} seeds)"
+        )
         axes.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes.set_xlabel("epoch")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_ylabel("val accuracy % (mean ± std over seeds)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7, loc="best")
     figure.suptitle("Validation accuracy per epoch")
     return figure
 
@@ -581,6 +951,7 @@ def config_group_defaults(group: str, option: str) -> dict:
 def compare(cfg: DictConfig, run_dir: Path) -> dict:
     """task=compare: the runs under `compare.dirs` (relative to the directory run.py was started from)."""
     settings: CompareConfig = OmegaConf.to_object(cfg.compare)
+    check_settings(settings)
     if not settings.dirs:
         raise UserError("compare.dirs=[]: name at least one folder: a sweep, a run, or outputs")
     roots = [Path(d).expanduser() for d in settings.dirs]
@@ -589,7 +960,9 @@ def compare(cfg: DictConfig, run_dir: Path) -> dict:
             raise UserError(f"compare.dirs: {given} is not a folder (relative paths start from {Path.cwd()})")
     runs = read_runs(find_run_dirs(roots))
     if not runs:
-        raise UserError(f"compare.dirs=[{','.join(settings.dirs)}]: no training runs there (folders holding .hydra/config.yaml with task=train)")
+        raise UserError(
+            f"compare.dirs=[{','.join(settings.dirs)}]: no training runs there (folders holding .hydra/config.yaml with task=train)"
+        )
     comparison = build_comparison(runs, settings, settings.dirs)
     write_comparison(comparison, run_dir)
     return {"groups": comparison.rows, "verdicts": comparison.verdicts}
@@ -607,7 +980,7 @@ def compare_sweep(sweep_dir: Path) -> None:
         try:
             comparison = build_comparison(runs, settings, [str(sweep_dir)])
         except UserError as e:
-            print(f"compare: {e}; setting every group against the first instead")
+            print(f"compare: {e}; pairing the groups that differ in one key instead")
             comparison = build_comparison(runs, replace(settings, baseline=None, candidate=None), [str(sweep_dir)])
         write_comparison(comparison, sweep_dir)
     except Exception as e:  # a comparison must never take the sweep's runs down with it
@@ -621,6 +994,8 @@ def compare_sweep(sweep_dir: Path) -> None:
 
 def _settings_of(runs: Sequence[Run]) -> CompareConfig:
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompareConfig), runs[0].config.get("compare", {})))
+        return OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(CompareConfig), runs[0].config.get("compare", {}))
+        )
     except Exception:
         return CompareConfig()

@@ -161,4 +161,21 @@ def sum_evaluation(world: World, result: Evaluation) -> Evaluation:
     torch_dist.all_reduce(loss_sum)
     confusion = confusion.cpu().round().to(torch.int64)
     images = int(confusion.sum())
-    return Evaluation(loss=loss_sum.item() / max(1, images), acc=confusion.diag().sum().item() / max(1, images), images=images, confusion=confusion)
+    labels, predicted = (interleaved(gather_objects(part)) if part is not None else None for part in (result.labels, result.predicted))
+    return Evaluation(loss=loss_sum.item() / max(1, images), acc=confusion.diag().sum().item() / max(1, images), images=images,
+                      confusion=confusion, labels=labels, predicted=predicted)
+
+
+def gather_objects(part: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's `part` (a small CPU tensor), in rank order."""
+    parts = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(parts, part.cpu())
+    return parts
+
+
+def interleaved(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The per-image values of a split in its order, from the shards of evaluation (rank r scored images r, r + N, ...)."""
+    whole = torch.zeros(sum(len(p) for p in parts), dtype=parts[0].dtype)
+    for rank, part in enumerate(parts):
+        whole[rank :: len(parts)] = part
+    return whole

@@ -270,6 +270,8 @@ class Evaluation:
     acc: float
     images: int
     confusion: torch.Tensor  # counts[true, predicted]
+    labels: Optional[torch.Tensor] = None  # per image, in the order scored (the loader's): the true class
+    predicted: Optional[torch.Tensor] = None  # and the predicted one
 
 
 @torch.no_grad()
@@ -284,11 +286,12 @@ def evaluate(
     description: str = "",
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Evaluation:
-    """Loss (plain cross entropy, no smoothing), top-1 accuracy and the confusion matrix over all of
-    `batches`. Raises Interrupted when `should_stop()` turns true between batches."""
+    """Loss (plain cross entropy, no smoothing), top-1 accuracy, the confusion matrix and each image's true and
+    predicted class over all of `batches`. Raises Interrupted when `should_stop()` turns true between batches."""
     model.eval()
     loss_sum = torch.zeros((), device=inputs.device, dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=inputs.device)
+    all_labels, all_predicted = [], []
     with tqdm(total=_length(batches), desc=description, disable=not progress, leave=False, dynamic_ncols=True, file=sys.stdout) as bar:
         for images_u8, labels in batches:
             if should_stop():
@@ -298,7 +301,10 @@ def evaluate(
             with precision.autocast():
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-            confusion += confusion_matrix(logits.argmax(1), labels, num_classes)
+            predicted = logits.argmax(1)
+            confusion += confusion_matrix(predicted, labels, num_classes)
+            all_labels.append(labels)
+            all_predicted.append(predicted)
             bar.update()
     confusion = confusion.cpu()
     images = int(confusion.sum())
@@ -307,4 +313,10 @@ def evaluate(
         acc=confusion.diag().sum().item() / max(1, images),
         images=images,
         confusion=confusion,
+        labels=_joined(all_labels),
+        predicted=_joined(all_predicted),
     )
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.int64)

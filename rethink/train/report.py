@@ -2,6 +2,8 @@
 scalars of every epoch, the test scores and confusion matrix), the log's lines, and metrics.json at the end.
 Rank 0 alone writes; the other processes of a torchrun report to a writer that writes nothing."""
 
+import csv
+import io
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +16,7 @@ from torchvision.utils import make_grid
 from ..atomic import atomic_write_json, atomic_write_text
 from ..config import value
 from . import progressive as progressive_learning
+from . import provenance
 from .checkpoint import Progress
 from .metrics import confusion_figure
 from .runtime import peak_memory_mb
@@ -22,12 +25,16 @@ from .tensorboard import SILENT_WRITER, log_session_end, log_session_start, open
 
 log = logging.getLogger("rethink")
 
+TEST_RESULTS = "test_predictions.csv"
+TEST_RESULTS_FIELDS = ("image", "label", "predicted")
+
 
 class Report:
     """One run's TensorBoard writer, and the lines and files made from what the run reached."""
 
     def __init__(self, session: Session, writer):
         self.session, self.writer = session, writer
+        self.provenance: dict = {}  # what the run's numbers rest on (train/provenance.py), from its start
 
     def started(self, run, resumed: bool) -> None:
         """Every start (a resume too) records the run's effective config in run_config.yaml and opens its HPARAMS
@@ -35,9 +42,11 @@ class Report:
         more epochs is filed under its new length; a new run shows its first training images; the log says where
         it starts."""
         s, cfg = self.session, self.session.cfg
+        self.provenance = provenance.provenance(s.device, s.precision.name, run.data.fingerprint)
         if s.world.is_main:
             atomic_write_text(s.run_dir / "run_config.yaml", OmegaConf.to_yaml(OmegaConf.create(run.config)))
-        log_session_start(self.writer, hparams(s, run, run.layout))
+            self.provenance = provenance.record(s.run_dir, self.provenance)
+        log_session_start(self.writer, {**hparams(s, run, run.layout), **provenance.hparams(self.provenance)})
         if not resumed and cfg.trainer.image_grid:
             self.writer.add_image("train/images", image_grid(run.data.train), 0)
         data = run.data
@@ -61,8 +70,9 @@ class Report:
         self.writer.add_scalar("test/acc", test.acc, epoch)
         self.writer.add_scalar("test/loss", test.loss, epoch)
         self.writer.add_figure("test/confusion_matrix", confusion_figure(test.confusion, classes, f"test, epoch {best_epoch}"), epoch)
-        result = metrics(self.session, run, test)
+        result = {**metrics(self.session, run, test), **self.provenance}
         if self.session.world.is_main:
+            atomic_write_text(self.session.run_dir / TEST_RESULTS, test_results(run.data.test_names, test))
             atomic_write_json(self.session.run_dir / "metrics.json", result)
         log.info(f"test acc {test.acc:.4f} (best checkpoint, epoch {run.progress.best_epoch}); wrote {self.session.run_dir / 'metrics.json'}")
         return result
@@ -86,11 +96,23 @@ def open_report(session: Session, resumed_at: int | None) -> Iterator[Report]:
 
 
 def set_aside_earlier_metrics(run_dir: Path, epochs: int) -> None:
-    """A run continued past the epochs it was scored at: its old metrics.json (kept as
-    metrics.epoch<N>.json) no longer describes the run, which gets a new one when it finishes."""
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():
-        metrics_file.replace(run_dir / f"metrics.epoch{epochs}.json")
+    """A run continued past the epochs it was scored at: its old metrics.json and test_predictions.csv (kept as
+    metrics.epoch<N>.json, test_predictions.epoch<N>.csv) no longer describe the run, which gets new ones when it
+    finishes."""
+    for name in ("metrics.json", TEST_RESULTS):
+        scored = run_dir / name
+        if scored.is_file():
+            scored.replace(scored.with_name(f"{scored.stem}.epoch{epochs}{scored.suffix}"))
+
+
+def test_results(names: list[str], test) -> str:
+    """test_predictions.csv: each test image (named as in splits.csv), its true class and the predicted one, in
+    the test split's order; task=compare bootstraps over them."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(TEST_RESULTS_FIELDS)
+    writer.writerows(zip(names, test.labels.tolist(), test.predicted.tolist()))
+    return out.getvalue()
 
 
 def epoch_line(record: dict, progress: Progress, epochs: int) -> str:
