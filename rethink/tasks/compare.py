@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import stats
 from ..atomic import atomic_write, atomic_write_text
-from ..config import CompareConfig, config_from_checkpoint, plain, value
+from ..config import CompareConfig, config_from_checkpoint, flatten, plain, value
 from ..errors import UserError
 from ..hydra_app import compose_config
 
@@ -53,8 +53,13 @@ class Run:
     flat: dict  # the same, as dotted key -> leaf value (`model.stages.3.block` -> "fused")
     state: str
     metrics: dict  # metrics.json ({} until the run finished)
-    val_curve: dict  # epoch -> val accuracy, from TensorBoard
+    curves: dict  # from TensorBoard: "val_acc", "val_loss", "train_loss" -> epoch -> value
     note: str = ""  # why it failed or stopped, from run.log
+    hparams: dict = field(default_factory=dict)  # its HPARAMS session's start: name -> value
+
+    @property
+    def val_curve(self) -> dict:
+        return self.curves.get("val_acc", {})
 
 
 def find_run_dirs(roots: Sequence[Path]) -> list[Path]:
@@ -80,14 +85,14 @@ def read_run(folder: Path) -> Optional[Run]:
     if config is None or value(config.get("task", "train")) != "train":
         return None
     metrics = _load_json(folder / "metrics.json")
-    val_curve, session_failed = _read_events(folder)
+    curves, hparams, session_failed = _read_events(folder)
     if metrics is not None:
         state, note = DONE, ""
     else:
         state, note = _state_from_log(folder / "run.log")
         if state is None:
             state = FAILED if session_failed else INCOMPLETE
-    return Run(folder, config, flatten(config), state, metrics or {}, val_curve, note)
+    return Run(folder, config, flatten(config), state, metrics or {}, curves, note, hparams)
 
 
 def _load_config(path: Path) -> Optional[dict]:
@@ -126,28 +131,40 @@ def _state_from_log(path: Path) -> tuple[Optional[str], str]:
     return state, note[:200]
 
 
-def _read_events(folder: Path) -> tuple[dict, bool]:
-    """The val-accuracy curve (the EMA weights' where the run kept them: they picked its best
-    checkpoint) and whether the HPARAMS session ended in failure."""
+# The curves a run's TensorBoard events give, by the tags that hold them: the EMA weights' where the run kept
+# them (they picked its best checkpoint)
+CURVE_TAGS = {"val_acc": ("val_ema/acc", "val/acc"), "val_loss": ("val_ema/loss", "val/loss"), "train_loss": ("train/loss",)}
+
+
+def _read_events(folder: Path) -> tuple[dict, dict, bool]:
+    """The run's curves (CURVE_TAGS), its HPARAMS session's hparams, and whether that session ended in failure."""
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
     from tensorboard.plugins.hparams import api_pb2, metadata
 
     if not any(folder.glob("events.out.tfevents.*")):
-        return {}, False
+        return {}, {}, False
     events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
     try:
         events.Reload()
     except Exception:  # a file cut short by a hard kill: what was read is kept
         pass
     tags = events.Tags().get("scalars", [])
-    tag = "val_ema/acc" if "val_ema/acc" in tags else "val/acc"
-    curve = {e.step: e.value for e in events.Scalars(tag)} if tag in tags else {}
+    curves = {}
+    for name, candidates in CURVE_TAGS.items():
+        tag = next((t for t in candidates if t in tags), None)
+        if tag is not None:
+            curves[name] = {e.step: e.value for e in events.Scalars(tag)}
     try:
-        session = events.PluginTagToContent(metadata.PLUGIN_NAME).get(metadata.SESSION_END_INFO_TAG)
+        session = events.PluginTagToContent(metadata.PLUGIN_NAME)
     except KeyError:  # no HPARAMS data in the events
-        session = None
-    failed = session is not None and metadata.parse_session_end_info_plugin_data(session).status == api_pb2.STATUS_FAILURE
-    return curve, failed
+        session = {}
+    start, end = session.get(metadata.SESSION_START_INFO_TAG), session.get(metadata.SESSION_END_INFO_TAG)
+    hparams = {}
+    if start is not None:
+        hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in metadata.parse_session_start_info_plugin_data(start).hparams.items()
+                   if v.WhichOneof("kind") in ("number_value", "string_value", "bool_value")}
+    failed = end is not None and metadata.parse_session_end_info_plugin_data(end).status == api_pb2.STATUS_FAILURE
+    return curves, hparams, failed
 
 
 def _natural_key(path: Path) -> list:
@@ -175,20 +192,6 @@ class Group:
         """The label's keys in which this group differs from `other` (all of them against itself)."""
         keys = [k for k, v in self.label.items() if other is self or other.label.get(k) != v]
         return ", ".join(f"{k}={_show(self.label[k])}" for k in keys) or "all runs"
-
-
-def flatten(node: Any, prefix: str = "") -> dict:
-    """Nested dicts and lists as dotted keys (`model.stages.3.block`); an empty container is one leaf."""
-    if isinstance(node, dict) and node:
-        items = node.items()
-    elif isinstance(node, list) and node:
-        items = enumerate(node)
-    else:
-        return {prefix[:-1]: json.dumps(node) if isinstance(node, (dict, list)) else node}
-    flat = {}
-    for key, child in items:
-        flat.update(flatten(child, f"{prefix}{key}."))
-    return flat
 
 
 def is_ignored(key: str, ignored: Sequence[str]) -> bool:
@@ -356,6 +359,21 @@ def judge(number_a: int, baseline: Group, number_b: int, candidate: Group, setti
     }
 
 
+def group_curves(group: Group, name: str) -> list[dict]:
+    """The curve `name` (a key of CURVE_TAGS) of each finished run of the group that has it."""
+    return [run.curves[name] for run in group.done if run.curves.get(name)]
+
+
+def mean_curve(curves: Sequence[dict]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The epochs of `curves` (epoch -> value, one per run), and at each the runs' mean and standard deviation (0
+    where one run has the epoch)."""
+    epochs = sorted(set().union(*curves))
+    per_epoch = [[c[e] for c in curves if e in c] for e in epochs]
+    mean = np.array([np.mean(v) for v in per_epoch])
+    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_epoch])
+    return epochs, mean, std
+
+
 def per_seed(runs: Sequence[Run], key: str) -> list[float]:
     """One value per seed: the seed is the unit of repetition, so runs that repeat a seed (the same
     configuration in two sweeps) are averaged first rather than counted as independent samples."""
@@ -385,9 +403,12 @@ def _states(runs: Sequence[Run]) -> str:
 # 4. Writing ----------------------------------------------------------------------------------------
 
 
-def write_comparison(comparison: Comparison, out_dir: Path) -> str:
-    """comparison.md, comparison.csv and (when some run finished) the two plots in `out_dir`; prints
-    the table and the verdicts. Returns the Markdown."""
+def write_comparison(comparison: Comparison, out_dir: Path, swept: Sequence[str] = ()) -> str:
+    """comparison.md, comparison.csv, (when some run finished) the two plots, and what TensorBoard shows of the
+    comparison (tasks/compare_tensorboard.py; `swept`: the keys a sweep set, its first HPARAMS columns) in
+    `out_dir`; prints the table and the verdicts. Returns the Markdown."""
+    from .compare_tensorboard import write_tensorboard  # (it reads this module's groups)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = any(group.done for group in comparison.groups)
     if finished:
@@ -396,8 +417,10 @@ def write_comparison(comparison: Comparison, out_dir: Path) -> str:
     table = markdown(comparison)
     atomic_write_text(out_dir / "comparison.md", table + _runs_section(comparison))
     atomic_write_text(out_dir / "comparison.csv", _csv(comparison))
+    write_tensorboard(comparison, out_dir, swept)
     print(table, end="")
-    print(f"wrote {out_dir / 'comparison.md'}, comparison.csv" + (", accuracy_vs_cost.png, val_curves.png" if finished else ""))
+    print(f"wrote {out_dir / 'comparison.md'}, comparison.csv" + (", accuracy_vs_cost.png, val_curves.png" if finished else "")
+          + f"; TensorBoard: tensorboard --logdir {out_dir} (HPARAMS, and the groups' mean curves under Custom Scalars)")
     return table
 
 
@@ -546,13 +569,11 @@ def _val_curves(comparison: Comparison):
     """Mean val accuracy per epoch per group, with a band of ± one standard deviation across seeds."""
     figure, (axes,) = _figure(8, 5)
     for number, group in enumerate(comparison.groups, 1):
-        curves = [run.val_curve for run in group.done if run.val_curve]
+        curves = group_curves(group, "val_acc")
         if not curves:
             continue
-        epochs = sorted(set().union(*curves))
-        per_epoch = [[100 * c[e] for c in curves if e in c] for e in epochs]
-        mean = np.array([np.mean(v) for v in per_epoch])
-        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_epoch])
+        epochs, mean, std = mean_curve(curves)
+        mean, std = 100 * mean, 100 * std
         (line,) = axes.plot(epochs, mean, marker="o", markersize=3, label=f"#{number} {group.name} ({len(curves)} seeds)")
         axes.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes.set_xlabel("epoch")
@@ -595,11 +616,11 @@ def compare(cfg: DictConfig, run_dir: Path) -> dict:
     return {"groups": comparison.rows, "verdicts": comparison.verdicts}
 
 
-def compare_sweep(sweep_dir: Path) -> None:
+def compare_sweep(sweep_dir: Path, swept: Sequence[str] = ()) -> None:
     """The end of a sweep: its comparison in its folder, and the table on stdout. Never raises: a
     sweep whose jobs all failed gets a comparison that says so. Its settings are the compare.* keys
     the jobs ran with (an experiment may set compare.baseline); a filter that fits no group falls
-    back to setting every group against the first."""
+    back to setting every group against the first. `swept`: the keys the sweep set."""
     sweep_dir = Path(sweep_dir)
     try:
         runs = read_runs(find_run_dirs([sweep_dir]))
@@ -609,7 +630,7 @@ def compare_sweep(sweep_dir: Path) -> None:
         except UserError as e:
             print(f"compare: {e}; setting every group against the first instead")
             comparison = build_comparison(runs, replace(settings, baseline=None, candidate=None), [str(sweep_dir)])
-        write_comparison(comparison, sweep_dir)
+        write_comparison(comparison, sweep_dir, swept)
     except Exception as e:  # a comparison must never take the sweep's runs down with it
         message = f"could not compare the runs of {sweep_dir}: {e!r}; try python run.py task=compare compare.dirs=[{sweep_dir}]"
         log.warning(message)

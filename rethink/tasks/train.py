@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import RESUMABLE, config_from_checkpoint, plain, value
 from ..environment import torchrun_rank
 from ..errors import UserError
-from ..hydra_app import command_line_keys, hydra_choice, hydra_job
+from ..hydra_app import command_line_keys, compose_config, hydra_choice, hydra_job
 from ..rundir import refuse_existing_run, resumable_run
 from ..train.checkpoint import load_checkpoint
 from ..train.fit import fit
@@ -87,10 +87,15 @@ def _may_change(key: str) -> bool:
 
 
 def _layout_name(cfg: DictConfig, resumed: bool) -> str:
-    """The stage layout file, marked `+edits` when the command line changed its stages."""
-    layout = hydra_choice("stages") or "custom"
-    edited = any(k.startswith("model.stages") for k in command_line_keys(cfg)) if not resumed else False
-    return f"{layout}+edits" if edited else layout
+    """The stage layout file, marked `+edits` when the run's stages are not the file's (a stage edit on the command
+    line that sets a stage to what the file has already is no edit)."""
+    layout = hydra_choice("stages")
+    if not layout:  # outside a Hydra app: edited when the stages differ from the default config's
+        return "custom+edits" if any(k.startswith("model.stages") for k in command_line_keys(cfg)) else "custom"
+    if resumed:
+        return layout
+    own = compose_config([f"model={hydra_choice('model')}", f"stages={layout}"]).model.stages
+    return layout if plain(own) == plain(cfg.model.stages) else f"{layout}+edits"
 
 
 def _short(cfg: DictConfig, key: str) -> str:
