@@ -174,6 +174,11 @@ def resumable_run(resume: str) -> Path:
     return folder
 
 
+def claimed_by_this_run(folder: Path) -> bool:
+    """Whether `folder` is one this process claimed as new (`outputs/<task>/<date>/<time>`), not one it was given."""
+    return Path(folder).resolve() in {Path(claimed).resolve() for claimed in FOLDERS.claimed.values()}
+
+
 def holds_run(folder: Path, own_record: bool = False) -> bool:
     """Whether `folder` holds a training run: its checkpoint, or (unless `own_record`: the folder's .hydra/ record is
     this run's own, once Hydra wrote it) a record of one."""

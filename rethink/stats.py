@@ -140,3 +140,12 @@ def seeds_needed(var_a: float, var_b: float, effect: float, alpha: float, power:
         else:
             low = middle + 1
     return low
+
+
+def above_chance(accuracy: float, images: Optional[int], classes: int, confidence: float = 0.95) -> bool:
+    """Whether `accuracy` on `images` test images is better than guessing among `classes` (1/classes): a one-sided
+    binomial test at level 1 - confidence; without the count of images, whether it is above 1/classes at all."""
+    if not images:
+        return accuracy > 1 / classes
+    correct = round(accuracy * images)
+    return float(stats.binomtest(correct, images, 1 / classes, alternative="greater").pvalue) < 1 - confidence

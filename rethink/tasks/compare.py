@@ -30,6 +30,7 @@ from ..atomic import atomic_write, atomic_write_text
 from ..config import CompareConfig, config_from_checkpoint, flatten, plain, value
 from ..errors import UserError
 from ..hydra_app import compose_config
+from .compare_tensorboard import group_curves, mean_curve, write_tensorboard
 
 log = logging.getLogger("rethink")
 
@@ -56,6 +57,7 @@ class Run:
     curves: dict  # from TensorBoard: "val_acc", "val_loss", "train_loss" -> epoch -> value
     note: str = ""  # why it failed or stopped, from run.log
     hparams: dict = field(default_factory=dict)  # its HPARAMS session's start: name -> value
+    classes: Optional[int] = None  # how many classes it tells apart (classes.json)
 
     @property
     def val_curve(self) -> dict:
@@ -92,7 +94,8 @@ def read_run(folder: Path) -> Optional[Run]:
         state, note = _state_from_log(folder / "run.log")
         if state is None:
             state = FAILED if session_failed else INCOMPLETE
-    return Run(folder, config, flatten(config), state, metrics or {}, curves, note, hparams)
+    classes = _load_json(folder / "classes.json")
+    return Run(folder, config, flatten(config), state, metrics or {}, curves, note, hparams, len(classes) if isinstance(classes, list) else None)
 
 
 def _load_config(path: Path) -> Optional[dict]:
@@ -334,8 +337,9 @@ def summarise(number: int, group: Group, confidence: float) -> dict:
         "runs": _states(group.runs),
         "test_acc_mean": test.mean,
         "test_acc_std": test.std,
-        "test_acc_ci_low": test.ci[0] if test.ci else None,
-        "test_acc_ci_high": test.ci[1] if test.ci else None,
+        "test_acc_ci_low": max(0.0, test.ci[0]) if test.ci else None,  # an accuracy lies in 0-1: the interval is cut there
+        "test_acc_ci_high": min(1.0, test.ci[1]) if test.ci else None,
+        "runs_at_chance": sum(at_chance(run, confidence) for run in done),
         "best_val_acc_mean": best_val.mean,
         "best_val_acc_std": best_val.std,
         "final_train_loss": _mean(_values(done, "final_train_loss")),
@@ -359,19 +363,13 @@ def judge(number_a: int, baseline: Group, number_b: int, candidate: Group, setti
     }
 
 
-def group_curves(group: Group, name: str) -> list[dict]:
-    """The curve `name` (a key of CURVE_TAGS) of each finished run of the group that has it."""
-    return [run.curves[name] for run in group.done if run.curves.get(name)]
-
-
-def mean_curve(curves: Sequence[dict]) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """The epochs of `curves` (epoch -> value, one per run), and at each the runs' mean and standard deviation (0
-    where one run has the epoch)."""
-    epochs = sorted(set().union(*curves))
-    per_epoch = [[c[e] for c in curves if e in c] for e in epochs]
-    mean = np.array([np.mean(v) for v in per_epoch])
-    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_epoch])
-    return epochs, mean, std
+def at_chance(run: Run, confidence: float) -> bool:
+    """Whether a finished run's test accuracy is no better than guessing among its classes (1/classes): a one-sided
+    binomial test on its test images at level 1 - confidence (without their count: not above 1/classes)."""
+    acc, images = run.metrics.get("test_acc"), run.metrics.get("test_images")
+    if not isinstance(acc, (int, float)) or not run.classes:
+        return False
+    return not stats.above_chance(acc, images, run.classes, confidence)
 
 
 def per_seed(runs: Sequence[Run], key: str) -> list[float]:
@@ -407,8 +405,6 @@ def write_comparison(comparison: Comparison, out_dir: Path, swept: Sequence[str]
     """comparison.md, comparison.csv, (when some run finished) the two plots, and what TensorBoard shows of the
     comparison (tasks/compare_tensorboard.py; `swept`: the keys a sweep set, its first HPARAMS columns) in
     `out_dir`; prints the table and the verdicts. Returns the Markdown."""
-    from .compare_tensorboard import write_tensorboard  # (it reads this module's groups)
-
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = any(group.done for group in comparison.groups)
     if finished:
@@ -439,7 +435,7 @@ def markdown(comparison: Comparison) -> str:
     lines += [
         f"Runs: {len(runs)}; groups: {len(comparison.groups)} (runs whose configs differ only in seed and in the keys of "
         f"compare.ignore, listed at the end of comparison.md). Accuracies in percent: mean ± standard deviation over "
-        f"seeds, and the {level} confidence interval of the mean."
+        f"seeds, and the {level} confidence interval of the mean (cut at 0 and 100)."
         + (" Runs that repeat a seed in one group are averaged first." if _repeats_a_seed(comparison.groups) else ""),
         "",
     ]
@@ -456,6 +452,15 @@ def markdown(comparison: Comparison) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    chance = [(row, group) for row, group in zip(comparison.rows, comparison.groups) if row["runs_at_chance"]]
+    for row, group in chance:
+        classes = {run.classes for run in group.done if run.classes}
+        level = ", ".join(f"{100 / k:.2f}% on {k} classes" for k in sorted(classes))
+        lines.append(f"- **#{row['group']}: {row['runs_at_chance']} of {len(group.done)} finished runs no better than chance** "
+                     f"({level}; a one-sided binomial test on their test images): they did not learn, and a verdict on "
+                     "them says nothing about their networks; train longer, or check the data and the learning rate.")
+    if chance:
+        lines.append("")
     if comparison.verdicts:
         lines += [f"## Verdicts (candidate - baseline, test accuracy; Welch's t, {level} confidence)", ""]
         lines += [f"- {_verdict_line(v, s)}" for v in comparison.verdicts]
@@ -531,11 +536,23 @@ def _number(x: Optional[float], spec: str) -> str:
     return ABSENT if x is None else format(x, spec)
 
 
-def _figure(width: float, height: float, columns: int = 1):
+def _figure(width: float, height: float, columns: int = 1, legend_entries: int = 0):
+    """A figure of `columns` plots side by side, taller by the rows of a legend of `legend_entries` below them."""
     from matplotlib.figure import Figure  # Agg through savefig: no display, no pyplot state
 
-    figure = Figure(figsize=(width, height), layout="constrained")
+    rows = -(-legend_entries // LEGEND_COLUMNS)
+    figure = Figure(figsize=(width, height + 0.2 * rows), layout="constrained")
     return figure, figure.subplots(1, columns, squeeze=False)[0]
+
+
+LEGEND_COLUMNS = 2
+
+
+def _legend_below(figure, axes) -> None:
+    """The legend of `axes` under the plots, where it covers nothing however many groups there are."""
+    handles, labels = axes.get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(LEGEND_COLUMNS, len(handles)), fontsize=7)
 
 
 def _save(figure, path: Path) -> None:
@@ -545,7 +562,7 @@ def _save(figure, path: Path) -> None:
 def _accuracy_vs_cost(comparison: Comparison):
     """Test accuracy against GMACs and against parameters, one point per group (the EfficientNet
     paper's first figure); error bars are the standard deviation over seeds."""
-    figure, (by_gmacs, by_params) = _figure(12, 5, columns=2)
+    figure, (by_gmacs, by_params) = _figure(12, 5, columns=2, legend_entries=len(comparison.groups))
     for number, (group, row) in enumerate(zip(comparison.groups, comparison.rows), 1):
         if row["test_acc_mean"] is None:
             continue
@@ -560,14 +577,14 @@ def _accuracy_vs_cost(comparison: Comparison):
     for axes in (by_gmacs, by_params):
         axes.set_ylabel("test accuracy % (mean ± std over seeds)")
         axes.grid(alpha=0.3)
-    by_params.legend(fontsize=7, loc="best")
+    _legend_below(figure, by_params)
     figure.suptitle("Test accuracy against cost")
     return figure
 
 
 def _val_curves(comparison: Comparison):
     """Mean val accuracy per epoch per group, with a band of ± one standard deviation across seeds."""
-    figure, (axes,) = _figure(8, 5)
+    figure, (axes,) = _figure(8, 5, legend_entries=len(comparison.groups))
     for number, group in enumerate(comparison.groups, 1):
         curves = group_curves(group, "val_acc")
         if not curves:
@@ -580,7 +597,7 @@ def _val_curves(comparison: Comparison):
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_ylabel("val accuracy % (mean ± std over seeds)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
+    _legend_below(figure, axes)
     figure.suptitle("Validation accuracy per epoch")
     return figure
 

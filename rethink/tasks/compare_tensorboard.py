@@ -14,12 +14,14 @@ A comparison written again into the same folder replaces what the last one wrote
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from tensorboard.plugins.hparams import api_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from ..rundir import folder_name
 from ..train.tensorboard import hparams_config_summary
-from .compare import Comparison, Group, group_curves, mean_curve
+
+# `comparison` below is a tasks/compare.py Comparison, `group` one of its Groups (that module imports this one)
 
 CURVES = {
     "val_acc": "val acc",
@@ -32,12 +34,27 @@ LAYOUT_CATEGORY = "groups: mean ± std over seeds"
 COMPARISON_SUFFIX, GROUP_SUFFIX = ".comparison", ".group"  # the ends of the event files written here
 
 
+def group_curves(group: Any, curve: str) -> list[dict]:
+    """The curve `curve` (epoch -> value; a key of compare's CURVE_TAGS) of each finished run of the group that has it."""
+    return [run.curves[curve] for run in group.done if run.curves.get(curve)]
+
+
+def mean_curve(curves: Sequence[dict]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The epochs of `curves` (epoch -> value, one per run), and at each the runs' mean and standard deviation (0
+    where one run has the epoch)."""
+    epochs = sorted(set().union(*curves))
+    per_epoch = [[c[e] for c in curves if e in c] for e in epochs]
+    mean = np.array([np.mean(v) for v in per_epoch])
+    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_epoch])
+    return epochs, mean, std
+
+
 def group_tags(curve: str) -> tuple[str, str, str]:
     """A group run's tags for one of CURVES: the mean, the mean minus and the mean plus one standard deviation."""
     return f"group/{curve}", f"group/{curve}-std", f"group/{curve}+std"
 
 
-def write_tensorboard(comparison: Comparison, out_dir: Path, swept: Sequence[str] = ()) -> None:
+def write_tensorboard(comparison: Any, out_dir: Path, swept: Sequence[str] = ()) -> None:
     """The hparams config, the group runs and the layout in `out_dir`, in place of any an earlier comparison left."""
     _remove_earlier(out_dir)
     writer = SummaryWriter(log_dir=str(out_dir), filename_suffix=COMPARISON_SUFFIX)
@@ -62,7 +79,7 @@ def write_tensorboard(comparison: Comparison, out_dir: Path, swept: Sequence[str
             group_writer.close()
 
 
-def group_folder(number: int, group: Group, width: int = 1) -> str:
+def group_folder(number: int, group: Any, width: int = 1) -> str:
     """`<#>_<key=value>_...`: the group's number (as many digits as the last one's) and its label, `model.` left out
     as in a sweep job's folder (`2_model=b0_stages.3.block=fused`)."""
     parts = [f"{'model' if k == 'model.name' else k.removeprefix('model.')}={_text(v)}" for k, v in group.label.items()]
@@ -75,7 +92,7 @@ def layout() -> dict:
     return {LAYOUT_CATEGORY: {title: ["Margin", list(group_tags(curve))] for curve, title in CURVES.items()}}
 
 
-def hparams_config(comparison: Comparison, swept: Sequence[str] = ()) -> api_pb2.Experiment:
+def hparams_config(comparison: Any, swept: Sequence[str] = ()) -> api_pb2.Experiment:
     """HPARAMS' columns: the keys that tell the groups apart (`swept` keys first, in the sweep's order), then those
     of FOLLOWERS whose values differ between the runs, each where the runs' HPARAMS sessions hold it (runs written
     before their sessions held every key by its config name may not: then the session hparams that differ between

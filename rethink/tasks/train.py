@@ -13,7 +13,7 @@ from ..config import RESUMABLE, config_from_checkpoint, plain, value
 from ..environment import torchrun_rank
 from ..errors import UserError
 from ..hydra_app import command_line_keys, compose_config, hydra_choice, hydra_job
-from ..rundir import refuse_existing_run, resumable_run
+from ..rundir import claimed_by_this_run, refuse_existing_run, resumable_run
 from ..train.checkpoint import load_checkpoint
 from ..train.fit import fit
 from .restore import checkpoint_run_config
@@ -30,6 +30,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             _continued_config(cfg, run_dir, load_checkpoint(run_dir / "checkpoints" / "last.pt", key="resume"))  # the same run?
             log.info(f"{run_dir} already finished {finished['epochs']} epochs (resume=auto): nothing to do")
             return finished
+        if resume is None and claimed_by_this_run(run_dir):
+            log.info(f"resume=auto: {run_dir} is a new folder, so there is no run to continue: this starts one (a run "
+                     "without hydra.run.dir gets a new folder each time; to continue a run, pass resume=<its folder>)")
     state = None
     layout = _layout_name(cfg, resumed=resume is not None)
     if resume is not None:

@@ -43,7 +43,7 @@ class Report:
         data = run.data
         log.info(
             f"{'resuming' if resumed else 'training'} {cfg.model.name} ({run.params:,} params, {run.gmacs:.2f} GMACs) on "
-            f"{value(cfg.data.name)} ({len(data.train)}/{len(data.val)}/{len(data.test)} images, {len(data.classes)} classes), "
+            f"{value(cfg.data.name)} ({len(data.train)}/{len(data.val)}/{len(data.test)} images, {counted(len(data.classes), 'class', 'classes')}), "
             f"{device_line(s)}, epochs {run.progress.epoch + 1}-{cfg.trainer.epochs}, run dir {s.run_dir}"
         )
         if s.device.type == "cuda":
@@ -175,8 +175,13 @@ def hparams(session: Session, run, layout: str) -> dict:
 
 def device_line(session: Session) -> str:
     if session.device.type == "cpu":
-        return f"cpu ({session.cpu_threads} threads), {session.precision.name}"
+        return f"cpu ({counted(session.cpu_threads, 'thread')}), {session.precision.name}"
     return f"{session.device}, {session.precision.name}"
+
+
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """`1 thread`, `2 threads`; `plural` where it is not noun + s."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def image_grid(dataset, count: int = 16) -> torch.Tensor:
