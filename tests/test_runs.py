@@ -324,3 +324,15 @@ def test_counts_agree_with_their_nouns():
 
     assert (counted(1, "thread"), counted(2, "thread"), counted(1, "class", "classes"), counted(4, "class", "classes")) == (
         "1 thread", "2 threads", "1 class", "4 classes")
+
+
+def test_a_val_loss_far_above_the_train_loss_is_explained_in_its_epoch_line():
+    from rethink.train.checkpoint import Progress
+    from rethink.train.report import epoch_line
+
+    record = {"epoch": 1, "train_loss": 0.8349, "train_acc": 0.5, "val_loss": 1847.2, "val_acc": 0.5, "lr": 1e-4,
+              "train_img_s": 17.0, "epoch_s": 1.9}
+    progress = Progress()
+    line = epoch_line(record, progress, 3)
+    assert line.startswith("epoch 1/3  train loss 0.8349") and "val loss >> train loss: validation uses BatchNorm's running statistics" in line
+    assert "BatchNorm" not in epoch_line({**record, "val_loss": 0.91}, progress, 3)

@@ -98,8 +98,17 @@ def epoch_line(record: dict, progress: Progress, epochs: int) -> str:
     return (
         f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
         f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}{ema}  best {progress.best_val_acc:.4f} @{progress.best_epoch}  "
-        f"lr {record['lr']:.3g}  {record['train_img_s']:.0f} img/s  {record['epoch_s']:.1f}s"
+        f"lr {record['lr']:.3g}  {record['train_img_s']:.0f} img/s  {record['epoch_s']:.1f}s" + unsettled_note(record)
     )
+
+
+def unsettled_note(record: dict) -> str:
+    """Why a val loss can be far above the train loss early on (1847 against 0.83 after 8 steps of B0 on 32 images): the
+    network validates in eval mode, normalised by BatchNorm's running statistics, and after few steps those are still
+    far from the batches' own (training normalises by them); through every layer the mismatch compounds."""
+    if record["val_loss"] > 10 and record["val_loss"] > 10 * record["train_loss"]:
+        return "  (val loss >> train loss: validation uses BatchNorm's running statistics, not settled after few steps yet)"
+    return ""
 
 
 def log_epoch(writer, record: dict, best_val_acc: float) -> None:
