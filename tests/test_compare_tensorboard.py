@@ -95,10 +95,10 @@ def test_each_group_is_a_run_with_its_mean_curves_and_band_and_the_layout_draws_
     comparison = build_comparison(study_runs(), CompareConfig(), [str(tmp_path)], option_defaults=lambda group, option: {})
     write_tensorboard(comparison, tmp_path, SWEPT)
     write_tensorboard(comparison, tmp_path, SWEPT)  # a comparison written again replaces the last one
-    groups = sorted(p.name for p in (tmp_path / "groups").iterdir())
+    groups = sorted(p.name for p in (tmp_path / "groups").iterdir() if p.is_dir())
     assert groups == ["1_model=b0_stages.3.block=mbconv", "2_model=b0_stages.3.block=fused",
                       "3_model=v2_s_stages.3.block=mbconv", "4_model=v2_s_stages.3.block=fused"]
-    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    assert len(list(tmp_path.glob("groups/events.out.tfevents.*"))) == 1 and not list(tmp_path.glob("events.out.tfevents.*"))
     fused = scalars(tmp_path / "groups" / groups[1])
     seeds = np.array([[0.3, 0.5, 0.6]]) + np.array([[0.05], [0.15], [0.25]])  # the three seeds' val acc, epochs 1-3
     mean, std = seeds.mean(axis=0), seeds.std(axis=0, ddof=1)
@@ -108,7 +108,7 @@ def test_each_group_is_a_run_with_its_mean_curves_and_band_and_the_layout_draws_
     assert [v for _, v in fused[low]] == pytest.approx(mean - std, abs=1e-6)
     assert [v for _, v in fused[high]] == pytest.approx(mean + std, abs=1e-6)
     assert {tag for tag in fused} == {tag for curve in ("val_acc", "val_loss", "train_loss") for tag in group_tags(curve)}
-    assert [v for _, v in fused["group/train_loss-std"]] == pytest.approx([1.6, 1.3, 1.0], abs=1e-6)  # no spread: no band
+    assert [v for _, v in fused["group_band/train_loss-std"]] == pytest.approx([1.6, 1.3, 1.0], abs=1e-6)  # no spread: no band
 
     layout = custom_scalars_layout(tensorboard_backend(tmp_path))
     [category] = layout["category"]
@@ -150,7 +150,7 @@ def test_a_sweep_leaves_tensorboard_its_swept_keys_test_acc_and_the_groups_mean_
     assert runs["0_b0_stages.3.block=mbconv_seed=0"].hparams["stages"] == "b0"  # set to the layout's own block: no edit
     assert runs["1_b0_stages.3.block=mbconv_seed=1"].hparams["model.stages.3.block"] == "mbconv"
     assert runs["2_b0_stages.3.block=fused_seed=0"].hparams["stages"] == "b0+edits"
-    assert sorted(p.name for p in (folder / "groups").iterdir()) == [
+    assert sorted(p.name for p in (folder / "groups").iterdir() if p.is_dir()) == [
         "1_model=b0_stages.3.block=mbconv", "2_model=b0_stages.3.block=fused",
         "3_model=v2_s_stages.3.block=mbconv", "4_model=v2_s_stages.3.block=fused"]
     band = scalars(folder / "groups" / "4_model=v2_s_stages.3.block=fused")

@@ -457,7 +457,7 @@ def markdown(comparison: Comparison) -> str:
         classes = {run.classes for run in group.done if run.classes}
         level = ", ".join(f"{100 / k:.2f}% on {k} classes" for k in sorted(classes))
         lines.append(f"- **#{row['group']}: {row['runs_at_chance']} of {len(group.done)} finished runs no better than chance** "
-                     f"({level}; a one-sided binomial test on their test images): they did not learn, and a verdict on "
+                     f"({level}; a one-sided binomial test on their test images): such runs did not learn, and a verdict on "
                      "them says nothing about their networks; train longer, or check the data and the learning rate.")
     if chance:
         lines.append("")

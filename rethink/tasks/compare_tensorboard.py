@@ -1,4 +1,4 @@
-"""What a comparison leaves for TensorBoard, in the folder it writes to (a sweep's own, or task=compare's):
+"""What a comparison leaves for TensorBoard, in `groups/` of the folder it writes to (a sweep's, or task=compare's own):
 
 - an hparams config: HPARAMS lists the keys that tell the groups apart (the swept keys first), then the seed,
   params and GMACs where they differ, with test acc and best val acc as its metrics; none of the keys that are
@@ -31,6 +31,7 @@ CURVES = {
 METRICS = {"test/acc": "test acc", "val/acc_best": "best val acc"}  # scalar tag -> its HPARAMS column
 FOLLOWERS = ("seed", "params", "gmacs")  # HPARAMS columns after the keys that tell the groups apart, where they differ
 LAYOUT_CATEGORY = "groups: mean ± std over seeds"
+GROUPS = "groups"  # where it all goes: TensorBoard's run `groups` holds the hparams config and the layout
 COMPARISON_SUFFIX, GROUP_SUFFIX = ".comparison", ".group"  # the ends of the event files written here
 
 
@@ -50,14 +51,15 @@ def mean_curve(curves: Sequence[dict]) -> tuple[list[int], np.ndarray, np.ndarra
 
 
 def group_tags(curve: str) -> tuple[str, str, str]:
-    """A group run's tags for one of CURVES: the mean, the mean minus and the mean plus one standard deviation."""
-    return f"group/{curve}", f"group/{curve}-std", f"group/{curve}+std"
+    """A group run's tags for one of CURVES: the mean, the mean minus and the mean plus one standard deviation (the
+    band's edges in a section of their own, after the means, in TensorBoard's Scalars and Time Series)."""
+    return f"group/{curve}", f"group_band/{curve}-std", f"group_band/{curve}+std"
 
 
 def write_tensorboard(comparison: Any, out_dir: Path, swept: Sequence[str] = ()) -> None:
     """The hparams config, the group runs and the layout in `out_dir`, in place of any an earlier comparison left."""
     _remove_earlier(out_dir)
-    writer = SummaryWriter(log_dir=str(out_dir), filename_suffix=COMPARISON_SUFFIX)
+    writer = SummaryWriter(log_dir=str(out_dir / GROUPS), filename_suffix=COMPARISON_SUFFIX)
     try:
         writer.file_writer.add_summary(hparams_config_summary(hparams_config(comparison, swept)))
         writer.add_custom_scalars(layout())
@@ -69,7 +71,7 @@ def write_tensorboard(comparison: Any, out_dir: Path, swept: Sequence[str] = ())
         if not any(curves.values()):
             continue
         group_writer = SummaryWriter(
-            log_dir=str(out_dir / "groups" / group_folder(number, group, width)), filename_suffix=GROUP_SUFFIX
+            log_dir=str(out_dir / GROUPS / group_folder(number, group, width)), filename_suffix=GROUP_SUFFIX
         )
         try:
             for curve, runs in curves.items():
@@ -157,14 +159,14 @@ def _write_band(writer: SummaryWriter, curve: str, runs: list[dict]) -> None:
 
 
 def _remove_earlier(out_dir: Path) -> None:
-    """The event files an earlier comparison wrote into `out_dir` (only those: they end in our suffixes), and the group
+    """The event files an earlier comparison wrote into `out_dir` (only those: they end in our suffixes), and the
     folders they leave empty."""
     for path in [
-        *out_dir.glob(f"events.out.tfevents.*{COMPARISON_SUFFIX}"),
-        *out_dir.glob(f"groups/*/events.out.tfevents.*{GROUP_SUFFIX}"),
+        *out_dir.glob(f"{GROUPS}/events.out.tfevents.*{COMPARISON_SUFFIX}"),
+        *out_dir.glob(f"{GROUPS}/*/events.out.tfevents.*{GROUP_SUFFIX}"),
     ]:
         path.unlink(missing_ok=True)
-    for folder in [*out_dir.glob("groups/*"), out_dir / "groups"]:
+    for folder in [*out_dir.glob(f"{GROUPS}/*"), out_dir / GROUPS]:
         try:
             folder.rmdir()
         except OSError:  # not empty (not ours alone), or not there
