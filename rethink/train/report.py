@@ -168,7 +168,7 @@ def hparams(session: Session, run, layout: str) -> dict:
     "null"), so that the hparams config a comparison writes (tasks/compare_tensorboard.py) names them; then what
     follows from them: the stage layout's name (`stages`, `+edits` when the command line changed its stages), one
     column per stage as built (`stage_1 = mbconv e6 k3 s2 c24 x2 se0.25`: block, expansion, kernel, stride, output
-    channels, repeats, squeeze-excite ratio, after width and depth scaling), the global batch, params, GMACs and
+    channels, repeats, squeeze-excite ratio, after width and depth scaling), the processes and the global batch, params, GMACs and
     the progressive schedule's spans."""
     cfg, world, spec = session.cfg, session.world, run.network.model.spec
     keys = {name: "null" if v is None else v for name, v in what_the_run_is(cfg).items()}
@@ -177,7 +177,7 @@ def hparams(session: Session, run, layout: str) -> dict:
         for i, s in enumerate(spec.stages)
     }
     return {
-        **keys, "stages": layout, **stages, "global_batch": cfg.data.batch_size * world.world_size,
+        **keys, "stages": layout, **stages, "world_size": world.world_size, "global_batch": cfg.data.batch_size * world.world_size,
         "params": run.params, "gmacs": round(run.gmacs, 4), **progressive_learning.hparams(cfg),
     }
 
