@@ -3,11 +3,12 @@
 It reads only what every training run already leaves (`.hydra/config.yaml`, `metrics.json`, `run.log`,
 TensorBoard events), so old runs compare too. Top to bottom:
 1. reading: find the run folders under the given folders, and read each run's config, state
-   (done, failed, stopped, incomplete), metrics and val-accuracy curve;
+   (done, failed, stopped, incomplete), metrics, curves (val acc, val loss, train loss) and HPARAMS session;
 2. grouping: runs whose configs differ only in ignored keys (seed, device, workers, ...) form a group,
    labelled by the keys that tell the groups apart;
 3. judging: groups are paired (baseline, candidate) and each pair judged by rethink/stats.py;
-4. writing: comparison.md, comparison.csv, accuracy_vs_cost.png and val_curves.png, and the table on stdout.
+4. writing: comparison.md, comparison.csv, accuracy_vs_cost.png and val_curves.png, what TensorBoard shows of
+   it (groups/: tasks/compare_tensorboard.py), and the table on stdout.
 `compare` (task=compare) and `compare_sweep` (the end of every sweep) share `build_comparison` and
 `write_comparison`. Accuracies are fractions in the CSV and percentages (2 decimals) everywhere else.
 """
