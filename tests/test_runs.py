@@ -91,8 +91,10 @@ def test_hparams_tell_apart_runs_that_change_a_stage(tmp_path, tiny):
     plain, edited = hparams_of(tmp_path / "plain"), hparams_of(tmp_path / "edited")
     assert plain["stage_1"] == "mbconv e6 k3 s2 c24 x2 se0.25"
     assert edited["stage_1"] == "mbconv e4 k5 s2 c24 x2 se0.25"
-    assert {k for k in plain if plain[k] != edited.get(k)} == {"stages", "stage_1", "params", "gmacs"}
-    assert edited["stages"].endswith("+edits")
+    assert {k for k in plain if plain[k] != edited.get(k)} == {
+        "stages", "stage_1", "params", "gmacs", "model.stages.1.kernel", "model.stages.1.expand"}  # the keys by their names
+    assert edited["stages"].endswith("+edits") and (edited["model.stages.1.kernel"], plain["model.name"], plain["seed"]) == (5, "b0", 3)
+    assert plain["trainer.grad_clip"] == "null" and "trainer.device" not in plain  # None as null; how-keys are no part of it
 
 
 PEAK_AFTER_RESET = """
