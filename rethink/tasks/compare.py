@@ -414,10 +414,14 @@ def write_comparison(comparison: Comparison, out_dir: Path, swept: Sequence[str]
     table = markdown(comparison)
     atomic_write_text(out_dir / "comparison.md", table + _runs_section(comparison))
     atomic_write_text(out_dir / "comparison.csv", _csv(comparison))
-    write_tensorboard(comparison, out_dir, swept)
+    try:
+        write_tensorboard(comparison, out_dir, swept)
+        board = f"; TensorBoard: tensorboard --logdir {out_dir} (HPARAMS, and the groups' mean curves under Custom Scalars)"
+    except Exception as e:  # the files above are the comparison; TensorBoard's view of it must not take them down
+        log.warning(f"could not write TensorBoard's view of the comparison into {out_dir / 'groups'}: {e!r}")
+        board = ""
     print(table, end="")
-    print(f"wrote {out_dir / 'comparison.md'}, comparison.csv" + (", accuracy_vs_cost.png, val_curves.png" if finished else "")
-          + f"; TensorBoard: tensorboard --logdir {out_dir} (HPARAMS, and the groups' mean curves under Custom Scalars)")
+    print(f"wrote {out_dir / 'comparison.md'}, comparison.csv" + (", accuracy_vs_cost.png, val_curves.png" if finished else "") + board)
     return table
 
 

@@ -91,12 +91,13 @@ def _may_change(key: str) -> bool:
 
 def _layout_name(cfg: DictConfig, resumed: bool) -> str:
     """The stage layout file, marked `+edits` when the run's stages are not the file's (a stage edit on the command
-    line that sets a stage to what the file has already is no edit)."""
+    line, or an experiment's, that sets a stage to what the file has already is no edit)."""
     layout = hydra_choice("stages")
     if not layout:  # outside a Hydra app: edited when the stages differ from the default config's
         return "custom+edits" if any(k.startswith("model.stages") for k in command_line_keys(cfg)) else "custom"
-    if resumed:
-        return layout
+    experiment = hydra_choice("experiment") not in ("", "None")
+    if resumed or not (experiment or any(k.startswith("model.stages") for k in command_line_keys(cfg))):
+        return layout  # nothing but the layout file set the stages
     own = compose_config([f"model={hydra_choice('model')}", f"stages={layout}"]).model.stages
     return layout if plain(own) == plain(cfg.model.stages) else f"{layout}+edits"
 
