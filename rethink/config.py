@@ -7,6 +7,7 @@ enum value (say `model.stages.1.block=fusd`) fails while the config is composed,
 
 import copy
 import functools
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -340,6 +341,26 @@ def plain(node: Any) -> Any:
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     return node
+
+
+def flatten(node: Any, prefix: str = "") -> dict:
+    """Nested dicts and lists as dotted keys (`model.stages.3.block`); an empty container is one leaf."""
+    if isinstance(node, dict) and node:
+        items = node.items()
+    elif isinstance(node, list) and node:
+        items = enumerate(node)
+    else:
+        return {prefix[:-1]: json.dumps(node) if isinstance(node, (dict, list)) else node}
+    flat = {}
+    for name, child in items:
+        flat.update(flatten(child, f"{prefix}{name}."))
+    return flat
+
+
+def what_the_run_is(cfg: DictConfig) -> dict:
+    """The config's what-keys and its seed, flat (`model.stages.3.block` -> "fused"): what tells one run from
+    another, under the names the command line and task=compare use."""
+    return {name: v for name, v in flatten(plain(cfg)).items() if (k := KEYS.role_of(name)) is not None and k.role in (WHAT, SEED)}
 
 
 def validate(cfg: DictConfig) -> None:

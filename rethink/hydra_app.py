@@ -197,7 +197,7 @@ def explain(exc: BaseException, argv: Sequence[str] = ()) -> str:
             count = _stage_count(argv)
             numbered = f" (0-{count - 1} for this layout)" if count else ""
             return f"{exc.override}: stage indices are 0-based{numbered}; {negative[1]} is not allowed"
-        return f"{exc.override}: {_first_line(exc.message)} (see https://hydra.cc/docs/advanced/override_grammar/basic)"
+        return f"{exc.override}: {_first_line(exc.message)}{_quoting_hint(exc.override)} (see https://hydra.cc/docs/advanced/override_grammar/basic)"
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, choice = str(exc.missing_cfg_file).rpartition("/")
         if exc.options:
@@ -218,6 +218,15 @@ def explain(exc: BaseException, argv: Sequence[str] = ()) -> str:
         keys = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
         message += f"; allowed keys: {keys}"
     return f"{where}: {message}" if where else message
+
+
+def _quoting_hint(override: Optional[str]) -> str:
+    """For a value that Hydra's grammar reads as more than a string (a glob's `[0-1]` is a list to it): how to pass
+    it as one, quoted for Hydra inside the shell's quotes."""
+    key, sep, text = (override or "").partition("=")
+    if not sep or not text or text[0] in "'\"" or not re.search(r"[\[\]{}(),:=\s]", text) or "'" in text:
+        return ""
+    return f"; to pass it as it is, quote it for Hydra inside the shell's quotes: \"{key}='{text}'\""
 
 
 def _find(exc: BaseException, kind: type) -> Optional[BaseException]:

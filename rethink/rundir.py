@@ -174,6 +174,11 @@ def resumable_run(resume: str) -> Path:
     return folder
 
 
+def claimed_by_this_run(folder: Path) -> bool:
+    """Whether `folder` is one this process claimed as new (`outputs/<task>/<date>/<time>`), not one it was given."""
+    return Path(folder).resolve() in {Path(claimed).resolve() for claimed in FOLDERS.claimed.values()}
+
+
 def holds_run(folder: Path, own_record: bool = False) -> bool:
     """Whether `folder` holds a training run: its checkpoint, or (unless `own_record`: the folder's .hydra/ record is
     this run's own, once Hydra wrote it) a record of one."""
@@ -241,6 +246,14 @@ def _is_empty(folder: Path) -> bool:
     return all(p.name == "run.log" and p.stat().st_size == 0 for p in folder.iterdir())
 
 
+def discard_refused_sweep(folder: Path) -> None:
+    """A sweep refused before its first job started (a job that does not compose): the multirun.yaml Hydra wrote
+    into its folder, and the folders that leaves empty."""
+    folder = Path(folder).resolve()
+    (folder / "multirun.yaml").unlink(missing_ok=True)
+    _remove_empty_parents(folder)
+
+
 def _remove_empty_parents(folder: Path) -> None:
     """The date folders a refused run created, up to (not including) `outputs/` or the working directory."""
     cwd = Path.cwd().resolve()
@@ -253,23 +266,33 @@ def _remove_empty_parents(folder: Path) -> None:
 
 
 SWEPT_KEYS_ENV = "RETHINK_SWEPT_KEYS"  # set when a sweep starts (rethink/tasks/sweep.py), read by its jobs
+SWEEP_JOBS_ENV = "RETHINK_SWEEP_JOBS"  # how many jobs the sweep runs: the width of their numbers
 MAX_NAME = 96
 
 
 def job_dir(num: int, model: str, overrides) -> str:
     """A sweep job's folder: `<num>_<model>` and then, for each swept key but the model, `key=value`
-    (`model.` left out: `3_v2_s_stages.3.block=fused_seed=1`). A name longer than MAX_NAME is cut and
-    ends in a hash of the whole; the job number keeps every name unique either way."""
+    (`model.` left out: `3_v2_s_stages.3.block=fused_seed=1`). The number has as many digits as the sweep's
+    last (`03_...` in a sweep of 12 jobs), so that the names sort as the jobs do (TensorBoard sorts its runs by
+    name). A name longer than MAX_NAME is cut and ends in a hash of the whole; the job number keeps every name
+    unique either way."""
     swept = os.environ.get(SWEPT_KEYS_ENV)
     keys = set(swept.split(",")) if swept is not None else None
-    parts = [f"{num}_{model}"]
+    digits = len(str(max(int(os.environ.get(SWEEP_JOBS_ENV) or 1) - 1, 0)))
+    parts = [f"{int(num):0{digits}d}_{model}"]
     for override in overrides:
         key, _, value = str(override).partition("=")
         key = key.lstrip("+~")
         if _in_name(key, keys):
             value = {"True": "true", "False": "false"}.get(value, value)  # as typed, not as Hydra echoes a bool
             parts.append(f"{key.removeprefix('model.')}={value}")
-    name = _filesystem_safe("_".join(parts))
+    return folder_name("_".join(parts))
+
+
+def folder_name(name: str) -> str:
+    """`name` as a folder name: characters a file system or a shell would trip on replaced by `-`; a name longer
+    than MAX_NAME cut, ending in a hash of the whole."""
+    name = _filesystem_safe(name)
     if len(name) > MAX_NAME:
         digest = hashlib.blake2b(name.encode(), digest_size=4).hexdigest()
         name = f"{name[: MAX_NAME - 9]}_{digest}"

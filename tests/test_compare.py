@@ -21,11 +21,14 @@ from rethink.errors import UserError
 from rethink.hydra_app import compose_config
 from rethink.tasks.compare import (
     Run,
+    _accuracy_vs_cost,
+    _val_curves,
     build_comparison,
     compare,
     find_run_dirs,
     group_runs,
     label_groups,
+    markdown,
     pair_groups,
     pick_groups,
     read_runs,
@@ -238,3 +241,42 @@ def test_every_experiment_says_what_it_asks_composes_every_job_and_trains_one_ba
            "trainer.grad_clip=1.0"]  # one SGD step on 2 images of 16 px, where BatchNorm sees 1x1 maps, can diverge
     metrics = train(compose_config([f"experiment={name}", *jobs[0], *dry]), tmp_path)
     assert metrics["epochs"] == 1
+
+
+# What the table and plots say of accuracies ---------------------------------------------------------
+
+
+def test_a_group_at_chance_level_is_named_and_its_interval_stays_within_0_and_100(tmp_path):
+    def run(block, seed, acc):
+        metrics = {"test_acc": acc, "best_val_acc": acc, "test_images": 12}
+        return Run(Path(f"/runs/{block}{seed}"), {}, {"model.stages.3.block": block, "seed": seed}, "done", metrics, {}, classes=3)
+
+    learned = [run("mbconv", 0, 0.75), run("mbconv", 1, 1.0), run("mbconv", 2, 0.92)]  # 12 test images, 3 classes
+    guessed = [run("fused", 0, 1 / 3), run("fused", 1, 1 / 3), run("fused", 2, 0.5)]
+    comparison = build_comparison(learned + guessed, CompareConfig(), option_defaults=lambda group, option: {})
+    first, second = comparison.rows
+    assert 0 <= first["test_acc_ci_low"] and first["test_acc_ci_high"] == 1.0  # the t interval alone reaches past 100%
+    assert (first["runs_at_chance"], second["runs_at_chance"]) == (0, 3)  # 6 of 12 on 3 classes: p = 0.18, no better than a guess
+    text = markdown(comparison)
+    assert "#2: 3 of 3 finished runs no better than chance** (33.33% on 3 classes" in text and "#1:" not in text
+    assert stats.above_chance(9 / 12, 12, 3) and not stats.above_chance(6 / 12, 12, 3) and stats.above_chance(0.5, None, 3)
+
+
+def test_the_legends_of_many_groups_lie_below_the_plots_and_cover_nothing(tmp_path):
+    import warnings
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    runs = [Run(Path(f"/runs/{g}_{s}"), {}, {"optimizer.lr": 0.001 * (g + 1), "seed": s}, "done",
+                {"test_acc": 0.5 + 0.01 * g + 0.01 * s, "best_val_acc": 0.5, "params": 4_000_000 + g, "gmacs": 0.4},
+                {"val_acc": {1: 0.4, 2: 0.5 + 0.01 * s}}) for g in range(12) for s in range(2)]
+    comparison = build_comparison(runs, CompareConfig(), option_defaults=lambda group, option: {})
+    for plot in (_accuracy_vs_cost, _val_curves):
+        figure = plot(comparison)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # matplotlib's "constrained_layout not applied" among them
+            FigureCanvasAgg(figure).draw()
+        [legend] = figure.legends
+        box = legend.get_window_extent()
+        assert len(legend.get_texts()) == 12 and figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1 and box.y0 >= figure.bbox.y0
+        assert all(box.y1 <= axes.get_window_extent().y0 for axes in figure.axes)

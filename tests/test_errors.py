@@ -132,3 +132,13 @@ def test_pretrained_download_is_one_line_saying_what_and_where(empty_hub, monkey
     assert "Downloading" not in capsys.readouterr().out
     cached = empty_hub / "efficientnet_b0_rwightman-7f5810bc.pth"
     assert caplog.messages == [f"model.pretrained=true: downloaded {B0_WEIGHTS} to {cached}"]
+
+
+def test_a_glob_with_brackets_is_told_how_to_quote_it_for_hydra(tmp_path):
+    from rethink.hydra_app import compose_config
+
+    with pytest.raises(UserError) as raised:
+        compose_config(["task=predict", "inputs=/x/*_00[0-1].jpg"])
+    assert "quote it for Hydra inside the shell's quotes: \"inputs='/x/*_00[0-1].jpg'\"" in str(raised.value)
+    quoted = compose_config(["task=predict", "inputs='/x/*_00[0-1].jpg'"])  # what the shell passes on for "inputs='...'"
+    assert quoted.inputs == "/x/*_00[0-1].jpg"

@@ -199,7 +199,7 @@ def test_a_continued_run_is_compared_and_shown_under_its_new_length(tmp_path, ti
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     start = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
-    assert start.session_start_info.hparams["epochs"].number_value == 2
+    assert start.session_start_info.hparams["trainer.epochs"].number_value == 2
 
 
 # 8. commands that can be pasted --------------------------------------------------------------------------

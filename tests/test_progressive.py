@@ -181,7 +181,7 @@ def test_each_stage_trains_and_logs_its_size_and_regularisation(staged_run, scal
     history = load_checkpoint(run_dir / "checkpoints" / "last.pt")["history"]
     assert [(r["stage"], r["image_size"]) for r in history] == [(0, 40), (1, 48), (2, 56), (3, 64)]
     hparams = hparams_of(run_dir)
-    assert (hparams["progressive"], hparams["progressive_stages"], hparams["progressive_min_size"]) == ("v2", 4, 32)
+    assert (hparams["progressive.name"], hparams["progressive.stages"], hparams["progressive.min_size"]) == ("v2", 4, 32)
     assert hparams["progressive_sizes"] == "40->64" and hparams["progressive_randaug"] == "5->10"
 
 

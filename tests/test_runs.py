@@ -91,8 +91,10 @@ def test_hparams_tell_apart_runs_that_change_a_stage(tmp_path, tiny):
     plain, edited = hparams_of(tmp_path / "plain"), hparams_of(tmp_path / "edited")
     assert plain["stage_1"] == "mbconv e6 k3 s2 c24 x2 se0.25"
     assert edited["stage_1"] == "mbconv e4 k5 s2 c24 x2 se0.25"
-    assert {k for k in plain if plain[k] != edited.get(k)} == {"stages", "stage_1", "params", "gmacs"}
-    assert edited["stages"].endswith("+edits")
+    assert {k for k in plain if plain[k] != edited.get(k)} == {
+        "stages", "stage_1", "params", "gmacs", "model.stages.1.kernel", "model.stages.1.expand"}  # the keys by their names
+    assert edited["stages"].endswith("+edits") and (edited["model.stages.1.kernel"], plain["model.name"], plain["seed"]) == (5, "b0", 3)
+    assert plain["trainer.grad_clip"] == "null" and "trainer.device" not in plain  # None as null; how-keys are no part of it
 
 
 PEAK_AFTER_RESET = """
@@ -274,7 +276,14 @@ def test_a_sweep_lists_its_jobs_without_running_them_and_names_them_by_what_it_s
     listed = run_py("-m", "model=b0,v2_s", "model.stages.3.block=mbconv,fused", "seed=0", "--dry-run", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert "#3 3_v2_s_stages.3.block=fused: model=v2_s model.stages.3.block=fused seed=0" in listed.stdout
+    assert re.search(r"^4 job\(s\), sweeping model, model.stages.3.block, into outputs/multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d/ "
+                     r"\(or \d\d-\d\d-\d\d-1, -2, \.\.\. if another run takes that name first\):$", listed.stdout, re.M), listed.stdout
     assert not (tmp_path / "outputs").exists()
+    named = run_py("-m", "seed=0,1", "hydra.sweep.dir=studies/a", "--dry-run", cwd=tmp_path)
+    assert "2 job(s), sweeping seed, into studies/a/:" in named.stdout
+    refused = run_py("-m", "model=b0,b9", cwd=tmp_path)  # a job that does not compose refuses the whole sweep
+    assert refused.returncode == 1 and "model=b9: no such option" in refused.stderr
+    assert not list(tmp_path.rglob("multirun.yaml")) and not list(tmp_path.glob("outputs/multirun/*"))
     experiment = run_py("experiment=shallow_fusion", "--dry-run", cwd=tmp_path)
     assert experiment.returncode == 0 and "10 job(s)" in experiment.stdout, experiment.stdout + experiment.stderr
 
@@ -304,3 +313,28 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_the_resume_c
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["scheduler"]["last_epoch"] == 4 * ckpt["steps_per_epoch"]  # no step repeated or lost
     assert [step for step, _ in scalars(tmp_path)["val/acc"]] == [1, 2, 3, 4]
+
+
+def test_resume_auto_in_a_new_folder_says_it_starts_a_run(tmp_path, run_py, tiny_overrides):
+    result = run_py(*tiny_overrides, "trainer.epochs=1", "trainer.limit_train_batches=1", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resume=auto: " in result.stderr and "is a new folder, so there is no run to continue: this starts one" in result.stderr
+
+
+def test_counts_agree_with_their_nouns():
+    from rethink.train.report import counted
+
+    assert (counted(1, "thread"), counted(2, "thread"), counted(1, "class", "classes"), counted(4, "class", "classes")) == (
+        "1 thread", "2 threads", "1 class", "4 classes")
+
+
+def test_a_val_loss_far_above_the_train_loss_is_explained_in_its_epoch_line():
+    from rethink.train.checkpoint import Progress
+    from rethink.train.report import epoch_line
+
+    record = {"epoch": 1, "train_loss": 0.8349, "train_acc": 0.5, "val_loss": 1847.2, "val_acc": 0.5, "lr": 1e-4,
+              "train_img_s": 17.0, "epoch_s": 1.9}
+    progress = Progress()
+    line = epoch_line(record, progress, 3)
+    assert line.startswith("epoch 1/3  train loss 0.8349") and "val loss >> train loss: validation uses BatchNorm's running statistics" in line
+    assert "BatchNorm" not in epoch_line({**record, "val_loss": 0.91}, progress, 3)

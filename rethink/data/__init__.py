@@ -199,8 +199,8 @@ def _announce_cache_build(cache: ImageCache, side: int, digests: set[str]) -> No
     missing = sum(not cache.entry(digest, side).is_file() for digest in digests)
     if missing * 2 > len(digests):
         log.info(
-            f"{missing} images are not in the image cache yet: the first epoch (and the first test) decode them into the "
-            f"cache at {cache.folder(side)}; later epochs and runs read them back"
+            f"{missing} images are not in the image cache yet: each is decoded into the cache at {cache.folder(side)} "
+            "the first time it is read (a slower first pass over the data); later passes and runs read it back"
         )
 
 
@@ -235,7 +235,7 @@ def _tensor_bundle(classes: list[str], images: torch.Tensor, labels: list[int], 
 
 def _log_sizes(bundle: DataBundle, where) -> None:
     """Log the sizes; an empty split is an error (a run would pick and score its model on nothing)."""
-    log.info(f"data: {len(bundle.classes)} classes, {len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test images ({where})")
+    log.info(f"data: {len(bundle.classes)} class{'es' if len(bundle.classes) != 1 else ''}, {len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test images ({where})")
     for split in SPLITS:
         if len(getattr(bundle, split)) == 0:
             raise UserError(

@@ -3,13 +3,14 @@
 It reads only what training runs leave (`.hydra/config.yaml`, `metrics.json`, `provenance.json`,
 `test_predictions.csv`, `run.log`, TensorBoard events), so old runs compare too. Top to bottom:
 1. reading: find the run folders under the given folders, and read each run's config, state
-   (done, failed, stopped, incomplete), metrics, provenance, per-image test results and val-accuracy curve;
+   (done, failed, stopped, incomplete), metrics, provenance, per-image test results, curves (val acc, val loss,
+   train loss) and HPARAMS session;
 2. grouping: runs whose configs differ only in ignored keys (seed, device, workers, ...) and that ran on the
    same data set (its split's fingerprint) form a group, labelled by the keys that tell the groups apart;
    groups are paired (baseline, candidate) so that each pair differs in one key, unless the user picks pairs;
 3. judging: the pairs are judged as one family by rethink/stats.py;
-4. writing: comparison.md, comparison.csv, verdicts.csv, accuracy_vs_cost.png and val_curves.png, and the
-   table and verdicts on stdout.
+4. writing: comparison.md, comparison.csv, verdicts.csv, accuracy_vs_cost.png and val_curves.png, what
+   TensorBoard shows of it (groups/: tasks/compare_tensorboard.py), and the table and verdicts on stdout.
 `compare` (task=compare) and `compare_sweep` (the end of every sweep) share `build_comparison` and
 `write_comparison`. Accuracies are fractions in the CSVs and percentages (2 decimals) everywhere else.
 """
@@ -29,11 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import stats
 from ..atomic import atomic_write, atomic_write_text
-from ..config import KEYS, CompareConfig, config_from_checkpoint, plain, value
+from ..config import KEYS, CompareConfig, config_from_checkpoint, flatten, plain, value
 from ..errors import UserError
 from ..hydra_app import compose_config
 from ..train.provenance import FILE as PROVENANCE_FILE
 from ..train.report import TEST_RESULTS
+from .compare_tensorboard import group_curves, mean_curve, write_tensorboard
 
 log = logging.getLogger("rethink")
 
@@ -66,10 +68,16 @@ class Run:
     flat: dict  # the same, as dotted key -> leaf value (`model.stages.3.block` -> "fused")
     state: str
     metrics: dict  # metrics.json ({} until the run finished)
-    val_curve: dict  # epoch -> val accuracy, from TensorBoard
+    curves: dict  # from TensorBoard: "val_acc", "val_loss", "train_loss" -> epoch -> value
     note: str = ""  # why it failed or stopped, from run.log
     provenance: dict = field(default_factory=dict)  # provenance.json (code version, device, ...; {} for older runs)
     test_results: Optional["TestResults"] = None  # test_predictions.csv of a finished run (None for older runs)
+    hparams: dict = field(default_factory=dict)  # its HPARAMS session's start: name -> value
+    classes: Optional[int] = None  # how many classes it tells apart (classes.json)
+
+    @property
+    def val_curve(self) -> dict:
+        return self.curves.get("val_acc", {})
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ def read_run(folder: Path) -> Optional[Run]:
     if config is None or value(config.get("task", "train")) != "train":
         return None
     metrics = _load_json(folder / "metrics.json")
-    val_curve, session_failed = _read_events(folder)
+    curves, hparams, session_failed = _read_events(folder)
     if metrics is not None:
         state, note = DONE, ""
     else:
@@ -118,7 +126,9 @@ def read_run(folder: Path) -> Optional[Run]:
     if recorded.get("data_fingerprint"):  # what the data set is, wherever it lay (data.root is a how-key)
         flat[FINGERPRINT] = recorded["data_fingerprint"]
     results = read_test_results(folder / TEST_RESULTS) if state == DONE else None
-    return Run(folder, config, flat, state, metrics or {}, val_curve, note, recorded, results)
+    classes = _load_json(folder / "classes.json")
+    return Run(folder, config, flat, state, metrics or {}, curves, note, provenance=recorded, test_results=results,
+               hparams=hparams, classes=len(classes) if isinstance(classes, list) else None)
 
 
 def read_test_results(path: Path) -> Optional[TestResults]:
@@ -170,30 +180,40 @@ def _state_from_log(path: Path) -> tuple[Optional[str], str]:
     return state, note[:200]
 
 
-def _read_events(folder: Path) -> tuple[dict, bool]:
-    """The val-accuracy curve (the EMA weights' where the run kept them: they picked its best
-    checkpoint) and whether the HPARAMS session ended in failure."""
+# The curves a run's TensorBoard events give, by the tags that hold them: the EMA weights' where the run kept
+# them (they picked its best checkpoint)
+CURVE_TAGS = {"val_acc": ("val_ema/acc", "val/acc"), "val_loss": ("val_ema/loss", "val/loss"), "train_loss": ("train/loss",)}
+
+
+def _read_events(folder: Path) -> tuple[dict, dict, bool]:
+    """The run's curves (CURVE_TAGS), its HPARAMS session's hparams, and whether that session ended in failure."""
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
     from tensorboard.plugins.hparams import api_pb2, metadata
 
     if not any(folder.glob("events.out.tfevents.*")):
-        return {}, False
+        return {}, {}, False
     events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
     try:
         events.Reload()
     except Exception:  # a file cut short by a hard kill: what was read is kept
         pass
     tags = events.Tags().get("scalars", [])
-    tag = "val_ema/acc" if "val_ema/acc" in tags else "val/acc"
-    curve = {e.step: e.value for e in events.Scalars(tag)} if tag in tags else {}
+    curves = {}
+    for name, candidates in CURVE_TAGS.items():
+        tag = next((t for t in candidates if t in tags), None)
+        if tag is not None:
+            curves[name] = {e.step: e.value for e in events.Scalars(tag)}
     try:
-        session = events.PluginTagToContent(metadata.PLUGIN_NAME).get(metadata.SESSION_END_INFO_TAG)
+        session = events.PluginTagToContent(metadata.PLUGIN_NAME)
     except KeyError:  # no HPARAMS data in the events
-        session = None
-    failed = (
-        session is not None and metadata.parse_session_end_info_plugin_data(session).status == api_pb2.STATUS_FAILURE
-    )
-    return curve, failed
+        session = {}
+    start, end = session.get(metadata.SESSION_START_INFO_TAG), session.get(metadata.SESSION_END_INFO_TAG)
+    hparams = {}
+    if start is not None:
+        hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in metadata.parse_session_start_info_plugin_data(start).hparams.items()
+                   if v.WhichOneof("kind") in ("number_value", "string_value", "bool_value")}
+    failed = end is not None and metadata.parse_session_end_info_plugin_data(end).status == api_pb2.STATUS_FAILURE
+    return curves, hparams, failed
 
 
 def _natural_key(path: Path) -> list:
@@ -221,20 +241,6 @@ class Group:
         """The label's keys in which this group differs from `other` (all of them against itself)."""
         keys = [k for k, v in self.label.items() if other is self or other.label.get(k) != v]
         return ", ".join(f"{k}={_show(self.label[k])}" for k in keys) or "all runs"
-
-
-def flatten(node: Any, prefix: str = "") -> dict:
-    """Nested dicts and lists as dotted keys (`model.stages.3.block`); an empty container is one leaf."""
-    if isinstance(node, dict) and node:
-        items = node.items()
-    elif isinstance(node, list) and node:
-        items = enumerate(node)
-    else:
-        return {prefix[:-1]: json.dumps(node) if isinstance(node, (dict, list)) else node}
-    flat = {}
-    for key, child in items:
-        flat.update(flatten(child, f"{prefix}{key}."))
-    return flat
 
 
 def is_ignored(key: str, ignored: Sequence[str]) -> bool:
@@ -466,8 +472,9 @@ def summarise(number: int, group: Group, confidence: float) -> dict:
         "runs": _states(group.runs),
         "test_acc_mean": test.mean,
         "test_acc_std": test.std,
-        "test_acc_ci_low": test.ci[0] if test.ci else None,
-        "test_acc_ci_high": test.ci[1] if test.ci else None,
+        "test_acc_ci_low": max(0.0, test.ci[0]) if test.ci else None,  # an accuracy lies in 0-1: the interval is cut there
+        "test_acc_ci_high": min(1.0, test.ci[1]) if test.ci else None,
+        "runs_at_chance": sum(at_chance(run, confidence) for run in done),
         "best_val_acc_mean": best_val.mean,
         "best_val_acc_std": best_val.std,
         "final_train_loss": _mean(_values(done, "final_train_loss")),
@@ -590,6 +597,13 @@ def pooled_warnings(groups: Sequence[Group]) -> list[str]:
                     "includes whatever they change"
                 )
     return found
+def at_chance(run: Run, confidence: float) -> bool:
+    """Whether a finished run's test accuracy is no better than guessing among its classes (1/classes): a one-sided
+    binomial test on its test images at level 1 - confidence (without their count: not above 1/classes)."""
+    acc, images = run.metrics.get("test_acc"), run.metrics.get("test_images")
+    if not isinstance(acc, (int, float)) or not run.classes:
+        return False
+    return not stats.above_chance(acc, images, run.classes, confidence)
 
 
 def per_seed(runs: Sequence[Run], key: str) -> list[float]:
@@ -621,9 +635,10 @@ def _states(runs: Sequence[Run]) -> str:
 # 4. Writing ----------------------------------------------------------------------------------------
 
 
-def write_comparison(comparison: Comparison, out_dir: Path) -> str:
-    """comparison.md, comparison.csv and (when some run finished) the two plots in `out_dir`; prints
-    the table and the verdicts. Returns the Markdown."""
+def write_comparison(comparison: Comparison, out_dir: Path, swept: Sequence[str] = ()) -> str:
+    """comparison.md, comparison.csv, (when some run finished) the two plots, and what TensorBoard shows of the
+    comparison (tasks/compare_tensorboard.py; `swept`: the keys a sweep set, its first HPARAMS columns) in
+    `out_dir`; prints the table and the verdicts. Returns the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = any(group.done for group in comparison.groups)
     if finished:
@@ -633,11 +648,15 @@ def write_comparison(comparison: Comparison, out_dir: Path) -> str:
     atomic_write_text(out_dir / "comparison.md", table + _runs_section(comparison))
     atomic_write_text(out_dir / "comparison.csv", _csv(comparison.rows))
     atomic_write_text(out_dir / "verdicts.csv", _csv(comparison.verdicts))
+    try:
+        write_tensorboard(comparison, out_dir, swept)
+        board = f"; TensorBoard: tensorboard --logdir {out_dir} (HPARAMS, and the groups' mean curves under Custom Scalars)"
+    except Exception as e:  # the files above are the comparison; TensorBoard's view of it must not take them down
+        log.warning(f"could not write TensorBoard's view of the comparison into {out_dir / 'groups'}: {e!r}")
+        board = ""
     print(table, end="")
-    print(
-        f"wrote {out_dir / 'comparison.md'}, comparison.csv, verdicts.csv"
-        + (", accuracy_vs_cost.png, val_curves.png" if finished else "")
-    )
+    print(f"wrote {out_dir / 'comparison.md'}, comparison.csv, verdicts.csv"
+          + (", accuracy_vs_cost.png, val_curves.png" if finished else "") + board)
     return table
 
 
@@ -656,7 +675,7 @@ def markdown(comparison: Comparison) -> str:
     lines += [
         f"Runs: {len(runs)}; groups: {len(comparison.groups)} (runs whose configs differ only in seed and in the keys of "
         f"compare.ignore, listed at the end of comparison.md). Accuracies in percent: mean ± standard deviation over "
-        f"seeds, and the {level} confidence interval of the mean."
+        f"seeds, and the {level} confidence interval of the mean (cut at 0 and 100)."
         + (" Runs that repeat a seed in one group are averaged first." if _repeats_a_seed(comparison.groups) else ""),
         "",
     ]
@@ -696,6 +715,15 @@ def markdown(comparison: Comparison) -> str:
     lines.append("")
     if comparison.warnings:
         lines += ["Warnings:", "", *(f"- {warning}" for warning in comparison.warnings), ""]
+    chance = [(row, group) for row, group in zip(comparison.rows, comparison.groups) if row["runs_at_chance"]]
+    for row, group in chance:
+        classes = {run.classes for run in group.done if run.classes}
+        level = ", ".join(f"{100 / k:.2f}% on {k} classes" for k in sorted(classes))
+        lines.append(f"- **#{row['group']}: {row['runs_at_chance']} of {len(group.done)} finished runs no better than chance** "
+                     f"({level}; a one-sided binomial test on their test images): such runs did not learn, and a verdict on "
+                     "them says nothing about their networks; train longer, or check the data and the learning rate.")
+    if chance:
+        lines.append("")
     if comparison.verdicts:
         lines += [
             "## Verdicts (candidate - baseline, test accuracy in points)",
@@ -874,11 +902,23 @@ def _number(x: Optional[float], spec: str) -> str:
     return ABSENT if x is None else format(x, spec)
 
 
-def _figure(width: float, height: float, columns: int = 1):
+def _figure(width: float, height: float, columns: int = 1, legend_entries: int = 0):
+    """A figure of `columns` plots side by side, taller by the rows of a legend of `legend_entries` below them."""
     from matplotlib.figure import Figure  # Agg through savefig: no display, no pyplot state
 
-    figure = Figure(figsize=(width, height), layout="constrained")
+    rows = -(-legend_entries // LEGEND_COLUMNS)
+    figure = Figure(figsize=(width, height + 0.2 * rows), layout="constrained")
     return figure, figure.subplots(1, columns, squeeze=False)[0]
+
+
+LEGEND_COLUMNS = 2
+
+
+def _legend_below(figure, axes) -> None:
+    """The legend of `axes` under the plots, where it covers nothing however many groups there are."""
+    handles, labels = axes.get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(LEGEND_COLUMNS, len(handles)), fontsize=7)
 
 
 def _save(figure, path: Path) -> None:
@@ -888,7 +928,7 @@ def _save(figure, path: Path) -> None:
 def _accuracy_vs_cost(comparison: Comparison):
     """Test accuracy against GMACs and against parameters, one point per group (the EfficientNet
     paper's first figure); error bars are the standard deviation over seeds."""
-    figure, (by_gmacs, by_params) = _figure(12, 5, columns=2)
+    figure, (by_gmacs, by_params) = _figure(12, 5, columns=2, legend_entries=len(comparison.groups))
     for number, (group, row) in enumerate(zip(comparison.groups, comparison.rows), 1):
         if row["test_acc_mean"] is None:
             continue
@@ -903,33 +943,27 @@ def _accuracy_vs_cost(comparison: Comparison):
     for axes in (by_gmacs, by_params):
         axes.set_ylabel("test accuracy % (mean ± std over seeds)")
         axes.grid(alpha=0.3)
-    if by_params.get_legend_handles_labels()[0]:
-        by_params.legend(fontsize=7, loc="best")
+    _legend_below(figure, by_params)
     figure.suptitle("Test accuracy against cost")
     return figure
 
 
 def _val_curves(comparison: Comparison):
     """Mean val accuracy per epoch per group, with a band of ± one standard deviation across seeds."""
-    figure, (axes,) = _figure(8, 5)
+    figure, (axes,) = _figure(8, 5, legend_entries=len(comparison.groups))
     for number, group in enumerate(comparison.groups, 1):
-        curves = [run.val_curve for run in group.done if run.val_curve]
+        curves = group_curves(group, "val_acc")
         if not curves:
             continue
-        epochs = sorted(set().union(*curves))
-        per_epoch = [[100 * c[e] for c in curves if e in c] for e in epochs]
-        mean = np.array([np.mean(v) for v in per_epoch])
-        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_epoch])
-        (line,) = axes.plot(
-            epochs, mean, marker="o", markersize=3, label=f"#{number} {group.name} ({len(curves)} seeds)"
-        )
+        epochs, mean, std = mean_curve(curves)
+        mean, std = 100 * mean, 100 * std
+        (line,) = axes.plot(epochs, mean, marker="o", markersize=3, label=f"#{number} {group.name} ({len(curves)} seeds)")
         axes.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes.set_xlabel("epoch")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_ylabel("val accuracy % (mean ± std over seeds)")
     axes.grid(alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=7, loc="best")
+    _legend_below(figure, axes)
     figure.suptitle("Validation accuracy per epoch")
     return figure
 
@@ -968,11 +1002,11 @@ def compare(cfg: DictConfig, run_dir: Path) -> dict:
     return {"groups": comparison.rows, "verdicts": comparison.verdicts}
 
 
-def compare_sweep(sweep_dir: Path) -> None:
+def compare_sweep(sweep_dir: Path, swept: Sequence[str] = ()) -> None:
     """The end of a sweep: its comparison in its folder, and the table on stdout. Never raises: a
     sweep whose jobs all failed gets a comparison that says so. Its settings are the compare.* keys
     the jobs ran with (an experiment may set compare.baseline); a filter that fits no group falls
-    back to setting every group against the first."""
+    back to setting every group against the first. `swept`: the keys the sweep set."""
     sweep_dir = Path(sweep_dir)
     try:
         runs = read_runs(find_run_dirs([sweep_dir]))
@@ -982,7 +1016,7 @@ def compare_sweep(sweep_dir: Path) -> None:
         except UserError as e:
             print(f"compare: {e}; pairing the groups that differ in one key instead")
             comparison = build_comparison(runs, replace(settings, baseline=None, candidate=None), [str(sweep_dir)])
-        write_comparison(comparison, sweep_dir)
+        write_comparison(comparison, sweep_dir, swept)
     except Exception as e:  # a comparison must never take the sweep's runs down with it
         message = f"could not compare the runs of {sweep_dir}: {e!r}; try python run.py task=compare compare.dirs=[{sweep_dir}]"
         log.warning(message)

@@ -5,16 +5,17 @@ comparison of its runs when it ends."""
 import atexit
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..environment import torchrun_rank
-from ..hydra_app import compose_config, explain, planned_sweep, sweep_of
-from ..rundir import SWEPT_KEYS_ENV, job_dir
+from ..hydra_app import compose_config, explain, is_sweep_argument, planned_sweep, sweep_of
+from ..rundir import SWEEP_JOBS_ENV, SWEPT_KEYS_ENV, discard_refused_sweep, job_dir
 
 log = logging.getLogger("rethink")
 
@@ -26,6 +27,7 @@ class SweepCallback(Callback):
     def __init__(self):
         self.jobs_left = None
         self.compared = False
+        self.swept: list[str] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if torchrun_rank() is not None:  # (Hydra turns a callback's exceptions into warnings: exit here)
@@ -35,7 +37,8 @@ class SweepCallback(Callback):
             raise SystemExit(1)
         swept, jobs = sweep_of(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
-        self.jobs_left = len(jobs)
+        os.environ[SWEEP_JOBS_ENV] = str(len(jobs))
+        self.swept, self.jobs_left = swept, len(jobs)
         self.compared = str(getattr(config.task, "value", config.task)) != "train"  # only training runs compare
         # A launcher that runs jobs in other processes (joblib, submitit) calls on_job_end there, and Hydra skips
         # on_multirun_end after a failed job: this process compares when it exits, if it has not yet.
@@ -55,12 +58,13 @@ class SweepCallback(Callback):
         if self.compared:
             return
         self.compared = True
-        if not any(sweep_dir.glob("*/.hydra")):  # no job started (the sweep was refused): nothing to compare, nor a folder to make
+        if not any(sweep_dir.glob("*/.hydra")):  # no job started (the sweep was refused): it leaves nothing
+            discard_refused_sweep(sweep_dir)
             return
         from .compare import compare_sweep
 
         try:
-            compare_sweep(sweep_dir)
+            compare_sweep(sweep_dir, self.swept)
         except Exception as e:  # the runs are what matters: a comparison that fails must not hide them
             log.warning(f"could not compare the runs of {sweep_dir}: {e}; try python run.py task=compare compare.dirs=[{sweep_dir}]")
 
@@ -70,8 +74,9 @@ def list_jobs(arguments: Sequence[str]) -> int:
     (an impossible job is named with its one-line error) without training anything. Returns the exit status."""
     swept, jobs = planned_sweep(arguments)
     os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
+    os.environ[SWEEP_JOBS_ENV] = str(len(jobs))
     failed = 0
-    print(f"{len(jobs)} job(s), sweeping {', '.join(swept) or 'nothing'}:")
+    print(f"{len(jobs)} job(s), sweeping {', '.join(swept) or 'nothing'}, into {planned_folder(arguments)}:")
     for num, overrides in enumerate(jobs):
         try:
             cfg = compose_config(overrides)
@@ -81,3 +86,17 @@ def list_jobs(arguments: Sequence[str]) -> int:
             line = f"#{num} error: {explain(e, overrides)}"
         print(line)
     return 1 if failed else 0
+
+
+def planned_folder(arguments: Sequence[str]) -> str:
+    """Where `python run.py -m ARGUMENTS` would put its jobs: hydra.sweep.dir as it reads now, not claimed (the sweep
+    claims it when it starts: `<time>-1`, `-2`, ... where another run took that name first), with that said."""
+    base = compose_config([a for a in arguments if not is_sweep_argument(a)], with_hydra=True)
+    folder = OmegaConf.to_container(base.hydra.sweep, resolve=False)["dir"]
+    claimed = re.fullmatch(r"\$\{rethink\.claim:(.*)\}", folder)
+    OmegaConf.update(base, "hydra.sweep.dir", claimed[1] if claimed else folder)
+    try:
+        folder = str(base.hydra.sweep.dir)
+    except Exception:  # an interpolation that reads only inside a running app: as written
+        pass
+    return f"{folder}/ (or {Path(folder).name}-1, -2, ... if another run takes that name first)" if claimed else f"{folder}/"

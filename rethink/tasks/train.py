@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import RESUMABLE, config_from_checkpoint, plain, value
 from ..environment import torchrun_rank
 from ..errors import UserError
-from ..hydra_app import command_line_keys, hydra_choice, hydra_job
-from ..rundir import refuse_existing_run, resumable_run
+from ..hydra_app import command_line_keys, compose_config, hydra_choice, hydra_job
+from ..rundir import claimed_by_this_run, refuse_existing_run, resumable_run
 from ..train.checkpoint import load_checkpoint
 from ..train.fit import fit
 from .restore import checkpoint_run_config
@@ -30,6 +30,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             _continued_config(cfg, run_dir, load_checkpoint(run_dir / "checkpoints" / "last.pt", key="resume"))  # the same run?
             log.info(f"{run_dir} already finished {finished['epochs']} epochs (resume=auto): nothing to do")
             return finished
+        if resume is None and claimed_by_this_run(run_dir):
+            log.info(f"resume=auto: {run_dir} is a new folder, so there is no run to continue: this starts one (a run "
+                     "without hydra.run.dir gets a new folder each time; to continue a run, pass resume=<its folder>)")
     state = None
     layout = _layout_name(cfg, resumed=resume is not None)
     if resume is not None:
@@ -87,10 +90,16 @@ def _may_change(key: str) -> bool:
 
 
 def _layout_name(cfg: DictConfig, resumed: bool) -> str:
-    """The stage layout file, marked `+edits` when the command line changed its stages."""
-    layout = hydra_choice("stages") or "custom"
-    edited = any(k.startswith("model.stages") for k in command_line_keys(cfg)) if not resumed else False
-    return f"{layout}+edits" if edited else layout
+    """The stage layout file, marked `+edits` when the run's stages are not the file's (a stage edit on the command
+    line, or an experiment's, that sets a stage to what the file has already is no edit)."""
+    layout = hydra_choice("stages")
+    if not layout:  # outside a Hydra app: edited when the stages differ from the default config's
+        return "custom+edits" if any(k.startswith("model.stages") for k in command_line_keys(cfg)) else "custom"
+    experiment = hydra_choice("experiment") not in ("", "None")
+    if resumed or not (experiment or any(k.startswith("model.stages") for k in command_line_keys(cfg))):
+        return layout  # nothing but the layout file set the stages
+    own = compose_config([f"model={hydra_choice('model')}", f"stages={layout}"]).model.stages
+    return layout if plain(own) == plain(cfg.model.stages) else f"{layout}+edits"
 
 
 def _short(cfg: DictConfig, key: str) -> str:

@@ -345,7 +345,8 @@ def stop(session: Session, where: str) -> NoReturn:
     """Exit after a stop signal, with 128 + its number, once every process is there (checkpoints are written);
     `release` then passes the signal on."""
     signum = (session.signals.requested if session.signals is not None else 0) or signal.SIGTERM  # under DDP another process may have received it
-    log.warning(f"stopped by signal {signum} {where}; saved {session.ckpt_dir / 'last.pt'}; continue with {resume_argument(session.run_dir)}")
+    if session.world.is_main:  # once, not once per process
+        log.warning(f"stopped by signal {signum} {where}; saved {session.ckpt_dir / 'last.pt'}; continue with {resume_argument(session.run_dir)}")
     distributed.barrier(session.world)  # no process exits (and so has torchrun end the others) before rank 0 has saved
     session.stopped_by = signum
     raise SystemExit(128 + signum)

@@ -121,7 +121,8 @@ def check(cfg: DictConfig) -> None:
 
 
 def hparams(cfg: DictConfig) -> dict:
-    """The schedule for TensorBoard's HPARAMS table (`progressive=none`: none, 0, ...)."""
+    """The schedule's spans for TensorBoard's HPARAMS table, first epoch to last (`40->64`; `none` without one);
+    its keys (`progressive.name`, ...) are there under their own names."""
     p, on = cfg.progressive, enabled(cfg.progressive)
     first = stage_settings(1, cfg.trainer.epochs, p, cfg.model, cfg.data) if on else None
     last = stage_settings(cfg.trainer.epochs, cfg.trainer.epochs, p, cfg.model, cfg.data) if on else None
@@ -131,10 +132,8 @@ def hparams(cfg: DictConfig) -> dict:
         return f"{start:g}->{end:g}" if on and start is not None else "none"
 
     return {
-        "progressive": value(p.name), "progressive_stages": p.stages if on else 0,
-        "progressive_min_size": p.min_size if on else 0, "progressive_sizes": span("image_size"),
-        "progressive_dropout": span("dropout"), "progressive_randaug": span("randaug_magnitude"),
-        "progressive_mixup": span("mixup_alpha"),
+        "progressive_sizes": span("image_size"), "progressive_dropout": span("dropout"),
+        "progressive_randaug": span("randaug_magnitude"), "progressive_mixup": span("mixup_alpha"),
     }
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torchvision.utils import make_grid
 
 from ..atomic import atomic_write_json, atomic_write_text
-from ..config import value
+from ..config import value, what_the_run_is
 from . import progressive as progressive_learning
 from . import provenance
 from .checkpoint import Progress
@@ -52,7 +52,7 @@ class Report:
         data = run.data
         log.info(
             f"{'resuming' if resumed else 'training'} {cfg.model.name} ({run.params:,} params, {run.gmacs:.2f} GMACs) on "
-            f"{value(cfg.data.name)} ({len(data.train)}/{len(data.val)}/{len(data.test)} images, {len(data.classes)} classes), "
+            f"{value(cfg.data.name)} ({len(data.train)}/{len(data.val)}/{len(data.test)} images, {counted(len(data.classes), 'class', 'classes')}), "
             f"{device_line(s)}, epochs {run.progress.epoch + 1}-{cfg.trainer.epochs}, run dir {s.run_dir}"
         )
         if s.device.type == "cuda":
@@ -120,8 +120,17 @@ def epoch_line(record: dict, progress: Progress, epochs: int) -> str:
     return (
         f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
         f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}{ema}  best {progress.best_val_acc:.4f} @{progress.best_epoch}  "
-        f"lr {record['lr']:.3g}  {record['train_img_s']:.0f} img/s  {record['epoch_s']:.1f}s"
+        f"lr {record['lr']:.3g}  {record['train_img_s']:.0f} img/s  {record['epoch_s']:.1f}s" + unsettled_note(record)
     )
+
+
+def unsettled_note(record: dict) -> str:
+    """Why a val loss can be far above the train loss early on (1847 against 0.83 after 8 steps of B0 on 32 images): the
+    network validates in eval mode, normalised by BatchNorm's running statistics, and after few steps those are still
+    far from the batches' own (training normalises by them); through every layer the mismatch compounds."""
+    if record["val_loss"] > 10 and record["val_loss"] > 10 * record["train_loss"]:
+        return "  (val loss >> train loss: validation uses BatchNorm's running statistics, not settled after few steps yet)"
+    return ""
 
 
 def log_epoch(writer, record: dict, best_val_acc: float) -> None:
@@ -176,39 +185,34 @@ def metrics(session: Session, run, test) -> dict:
 
 
 def hparams(session: Session, run, layout: str) -> dict:
-    """What the run is, for TensorBoard's HPARAMS table: the recipe, and the network as built: one
-    column per stage (`mbconv e6 k3 s2 c24 x2 se0.25`: block, expansion, kernel, stride, output
-    channels, repeats, squeeze-excite ratio, after width and depth scaling)."""
+    """What the run is, for TensorBoard's HPARAMS table: each what-key of its config and its seed under the names
+    the command line and task=compare use (`model.name`, `model.stages.3.block`, `optimizer.lr`, `seed`; None as
+    "null"), so that the hparams config a comparison writes (tasks/compare_tensorboard.py) names them; then what
+    follows from them: the stage layout's name (`stages`, `+edits` when the command line changed its stages), one
+    column per stage as built (`stage_1 = mbconv e6 k3 s2 c24 x2 se0.25`: block, expansion, kernel, stride, output
+    channels, repeats, squeeze-excite ratio, after width and depth scaling), the processes and the global batch, params, GMACs and
+    the progressive schedule's spans."""
     cfg, world, spec = session.cfg, session.world, run.network.model.spec
-    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.trainer
+    keys = {name: "null" if v is None else v for name, v in what_the_run_is(cfg).items()}
     stages = {
         f"stage_{i}": f"{s.block} e{s.expand:g} k{s.kernel} s{s.stride} c{s.out} x{s.repeats} se{s.se:g}"
         for i, s in enumerate(spec.stages)
     }
     return {
-        "model": m.name, "stages": layout, **stages,
-        "width": m.width, "depth": m.depth, "stem": spec.stem, "head": spec.head,
-        "train_size": m.train_size, "eval_size": m.eval_size, "dropout": m.dropout,
-        "drop_path_rate": m.drop_path_rate, "drop_path_schedule": m.drop_path_schedule.value,
-        "pretrained": str(m.pretrained), "freeze": m.freeze.value,
-        "data": d.name.value, "split_seed": d.split_seed, "batch_size": d.batch_size, "augment": d.augment.value,
-        "randaug_magnitude": d.randaug_magnitude if d.augment.value == "randaugment" else 0.0,
-        "world_size": world.world_size, "global_batch": d.batch_size * world.world_size,
-        "mixup_alpha": d.mixup_alpha, "cutmix_alpha": d.cutmix_alpha, "crop_pct": d.crop_pct,
-        "optimizer": o.name.value, "lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay,
-        "scheduler": cfg.scheduler.name.value, "warmup_epochs": cfg.scheduler.warmup_epochs,
-        "epochs": t.epochs, "label_smoothing": t.label_smoothing, "grad_clip": t.grad_clip or 0.0,
-        "grad_accumulation": t.grad_accumulation,
-        "ema": t.ema, "ema_decay": t.ema_decay if t.ema else 0.0,
-        "limit_train_batches": t.limit_train_batches or 0, "limit_val_batches": t.limit_val_batches or 0,
-        "seed": cfg.seed, "params": run.params, "gmacs": round(run.gmacs, 4), **progressive_learning.hparams(cfg),
+        **keys, "stages": layout, **stages, "world_size": world.world_size, "global_batch": cfg.data.batch_size * world.world_size,
+        "params": run.params, "gmacs": round(run.gmacs, 4), **progressive_learning.hparams(cfg),
     }
 
 
 def device_line(session: Session) -> str:
     if session.device.type == "cpu":
-        return f"cpu ({session.cpu_threads} threads), {session.precision.name}"
+        return f"cpu ({counted(session.cpu_threads, 'thread')}), {session.precision.name}"
     return f"{session.device}, {session.precision.name}"
+
+
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """`1 thread`, `2 threads`; `plural` where it is not noun + s."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def image_grid(dataset, count: int = 16) -> torch.Tensor:

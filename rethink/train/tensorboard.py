@@ -97,6 +97,12 @@ def log_session_end(writer: SummaryWriter, ok: bool = True) -> None:
     writer.file_writer.add_summary(_hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=info))
 
 
+def hparams_config_summary(experiment: api_pb2.Experiment) -> Summary:
+    """An hparams config (TensorBoard's `Experiment`: the HPARAMS columns and metrics, in place of those it would
+    infer from every session), as TensorBoard's `hparams_config` summary writes it."""
+    return _hparams_summary(metadata.EXPERIMENT_TAG, experiment=experiment)
+
+
 def _hparams_summary(tag: str, **data) -> Summary:
     """A summary the HPARAMS plugin reads (what tensorboard.plugins.hparams.summary builds, without
     its TensorFlow import)."""
