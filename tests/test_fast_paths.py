@@ -68,27 +68,57 @@ def test_cudnn_benchmark_auto_searches_only_for_long_gpu_runs_and_never_when_det
     assert cudnn_benchmark_choice(True, "cuda", False, 1).on
 
 
-def test_data_on_gpu_auto_needs_a_gpu_the_batched_augmentation_and_room():
+def test_data_on_gpu_auto_needs_a_gpu_the_batched_augmentation_and_room_beside_the_training_step():
     gib = 2**30
 
     def needs(n):
         return lambda: n
 
     def unasked():
-        raise AssertionError("the store's size was read where nothing depends on it")
+        raise AssertionError("a size was read where nothing depends on it")
 
-    assert data_on_gpu_choice("auto", "cuda", "flip_crop", needs(1 * gib), 10 * gib).on
-    assert data_on_gpu_choice("auto", "cuda", "none", needs(1 * gib), 10 * gib).on
-    assert not data_on_gpu_choice("auto", "cuda", "flip_crop", needs(6 * gib), 10 * gib).on  # over half the free memory
-    assert not data_on_gpu_choice("auto", "cuda", "randaugment", unasked, 10 * gib).on
-    assert not data_on_gpu_choice("auto", "cpu", "flip_crop", unasked, None).on
-    assert not data_on_gpu_choice(False, "cuda", "flip_crop", unasked, 10 * gib).on
-    assert data_on_gpu_choice(True, "cuda", "flip_crop", unasked, 10 * gib).on
+    step = needs(2 * gib)
+    assert data_on_gpu_choice("auto", "cuda", "flip_crop", needs(1 * gib), 10 * gib, step).on
+    assert data_on_gpu_choice("auto", "cuda", "none", needs(1 * gib), 10 * gib, step).on
+    assert not data_on_gpu_choice(
+        "auto", "cuda", "flip_crop", needs(6 * gib), 10 * gib, step
+    ).on  # over half the free memory
+    # within half, but the step's activations (twice with graphs), gradients and optimizer state need the rest
+    crowded = data_on_gpu_choice("auto", "cuda", "flip_crop", needs(4 * gib), 10 * gib, needs(7 * gib))
+    assert not crowded.on and crowded.why.endswith("beside the training step's 7.0 GiB")
+    assert not data_on_gpu_choice("auto", "cuda", "randaugment", unasked, 10 * gib, unasked).on
+    assert not data_on_gpu_choice("auto", "cpu", "flip_crop", unasked, None, unasked).on
+    assert not data_on_gpu_choice(False, "cuda", "flip_crop", unasked, 10 * gib, unasked).on
+    assert data_on_gpu_choice(True, "cuda", "flip_crop", unasked, 10 * gib, unasked).on
     with pytest.raises(
         UserError,
         match=r"data\.on_gpu=true needs a CUDA device and data\.augment=flip_crop or none \(not randaugment\)",
     ):
-        data_on_gpu_choice(True, "cpu", "randaugment", unasked, None)
+        data_on_gpu_choice(True, "cpu", "randaugment", unasked, None, unasked)
+
+
+def test_the_training_steps_memory_is_counted_without_running_it():
+    from rethink.models import build_model
+
+    model = build_model(compose_config(["model=b0", "model.width=0.5", "model.depth=0.5"]).model, 5)
+    state, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
+    plain = fast_paths.step_reserve(model, 8, 64, channels_last=True, graphs=False)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    activations = plain - 3 * weights
+    assert fast_paths.step_reserve(model, 8, 64, channels_last=True, graphs=True) == 2 * activations + 3 * weights
+    assert fast_paths.step_reserve(model, 16, 64, channels_last=True, graphs=False) - 3 * weights == pytest.approx(2 * activations, rel=0.01)
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn, nothing updated
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in state.items())
+    # what the forward pass saves for the backward, as autograd counts it on the CPU (a few tensors saved twice)
+    x = torch.randn(8, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model.to(memory_format=torch.channels_last)(x)
+    counted = sum(
+        t.numel() * t.element_size()
+        for t in {t.data_ptr(): t for t in saved if not isinstance(t, nn.Parameter)}.values()
+    )
+    assert 0.8 * counted < activations < 1.5 * counted
 
 
 def test_a_cpu_run_takes_no_fast_path_and_the_keys_take_only_auto_true_false(tiny_overrides):
