@@ -177,8 +177,9 @@ def test_images_that_do_not_fit_after_all_fall_back_to_the_cpu_loader(tmp_path, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_a_gpu_the_batches_are_the_cpus_within_a_level(tmp_path):
-    cfg, data = folder_data(tmp_path)
+@pytest.mark.parametrize("augment", ["flip_crop", "none"])
+def test_on_a_gpu_the_batches_are_the_cpus_within_a_level(tmp_path, augment):
+    cfg, data = folder_data(tmp_path, augment=augment, crop_pct=0.875)
     cpu = DeviceLoader(data.train, cfg, 24, seed=0, device=torch.device("cpu"))
     gpu = DeviceLoader(data.train, cfg, 24, seed=0, device=torch.device("cuda"))
     set_epoch(cpu, 1), set_epoch(gpu, 1)
