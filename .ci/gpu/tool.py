@@ -25,8 +25,10 @@ def settings(cudnn: str) -> None:
     from rethink.train.cuda_graphs import capture_route
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (a dry run)"
-    print(f"torch {torch.__version__} on {gpu}; CUDA graphs capture {capture_route()}; "
-          f"cuDNN benchmark {'on' if cudnn == 'true' else 'off'} (trainer.cudnn_benchmark={cudnn} in every run and benchmark)")
+    print(
+        f"torch {torch.__version__} on {gpu}; CUDA graphs capture {capture_route()}; "
+        f"cuDNN benchmark {'on' if cudnn == 'true' else 'off'} (trainer.cudnn_benchmark={cudnn} in every run and benchmark)"
+    )
 
 
 def photos(folder: str, count: str) -> None:
@@ -82,9 +84,18 @@ def training(runs: Path, name: str, results: Path) -> dict:
     log = (run / "run.log").read_text()
     decode = re.search(r"decoded and stored in ([\d.]+) s", log)
     captures = re.findall(r"CUDA graphs: captured .* \((.*)\)$", log, flags=re.M)
-    return dict(metrics=metrics, epoch_s=[r["epoch_s"] for r in history], img_s=[r["train_img_s"] for r in history],
-                decode_s=float(decode[1]) if decode else 0.0, captures=sorted(set(captures)),
-                fallbacks=re.findall(r"CUDA graphs: capturing the training step failed.*$|data.on_gpu: the training images do not fit.*$", log, flags=re.M))
+    return dict(
+        metrics=metrics,
+        epoch_s=[r["epoch_s"] for r in history],
+        img_s=[r["train_img_s"] for r in history],
+        decode_s=float(decode[1]) if decode else 0.0,
+        captures=sorted(set(captures)),
+        fallbacks=re.findall(
+            r"CUDA graphs: capturing the training step failed.*$|data.on_gpu: the training images do not fit.*$",
+            log,
+            flags=re.M,
+        ),
+    )
 
 
 class Missing(Exception):
@@ -118,42 +129,56 @@ def figures(part: str, runs: Path, results: Path) -> list[str]:
     if part == "graphs":
         r = bench(runs, "graphs16", results)["runs"]
         graphs, eager = r["ours"], r["ours+cuda_graphs:false"]
-        return [f"B0 {bench_shape(runs, 'graphs16', results)}: ours {graphs['img_s']:.0f} img/s (CUDA graphs "
-                f"{'on' if graphs['settings']['cuda_graphs'] else 'off'}), without graphs {eager['img_s']:.0f} img/s",
-                f"graphs / eager: {verdict(graphs['img_s'] / eager['img_s'], 3)}"]
+        return [
+            f"B0 {bench_shape(runs, 'graphs16', results)}: ours {graphs['img_s']:.0f} img/s (CUDA graphs "
+            f"{'on' if graphs['settings']['cuda_graphs'] else 'off'}), without graphs {eager['img_s']:.0f} img/s",
+            f"graphs / eager: {verdict(graphs['img_s'] / eager['img_s'], 3)}",
+        ]
     if part == "compile":
         r = bench(runs, "compile256", results)["runs"]
         compiled, ours = r["ours+compile:true"], r["ours"]
         references = {k: v for k, v in r.items() if k.startswith("torchvision") and "img_s" in v}
         best = max(references, key=lambda k: references[k]["img_s"]) if references else None
-        lines = [f"B0 {bench_shape(runs, 'compile256', results)}: compiled {compiled['img_s']:.0f} img/s (first step "
-                 f"{compiled['first_step_s']:.0f} s), ours eager {ours['img_s']:.0f}"
-                 + (f", best torchvision eager ({best}) {references[best]['img_s']:.0f}" if best else "")]
+        lines = [
+            f"B0 {bench_shape(runs, 'compile256', results)}: compiled {compiled['img_s']:.0f} img/s (first step "
+            f"{compiled['first_step_s']:.0f} s), ours eager {ours['img_s']:.0f}"
+            + (f", best torchvision eager ({best}) {references[best]['img_s']:.0f}" if best else "")
+        ]
         if best:
-            lines.append(f"compiled / best torchvision eager: {verdict(compiled['img_s'] / references[best]['img_s'], 1.3)}")
+            lines.append(
+                f"compiled / best torchvision eager: {verdict(compiled['img_s'] / references[best]['img_s'], 1.3)}"
+            )
         if compiled.get("peak_memory_mb") and ours.get("peak_memory_mb"):
-            lines.append(f"peak memory compiled / ours eager: {verdict(compiled['peak_memory_mb'] / ours['peak_memory_mb'], 1.0, at_least=False)}"
-                         f" ({compiled['peak_memory_mb']:.0f} / {ours['peak_memory_mb']:.0f} MiB)")
+            lines.append(
+                f"peak memory compiled / ours eager: {verdict(compiled['peak_memory_mb'] / ours['peak_memory_mb'], 1.0, at_least=False)}"
+                f" ({compiled['peak_memory_mb']:.0f} / {ours['peak_memory_mb']:.0f} MiB)"
+            )
         return lines
     if part == "recipe":
         cold, plain = training(runs, "b16-cold", results), training(runs, "b16-plain", results)
         first = cold["decode_s"] + cold["epoch_s"][0]
-        return [f"cold cache, auto: decode {cold['decode_s']:.1f} s + epoch 1 {cold['epoch_s'][0]:.1f} s, steady epoch "
-                f"{steady(cold['epoch_s']):.1f} s ({steady(cold['img_s']):.0f} img/s); {fast(cold)}",
-                f"first epoch with the decode / steady: {verdict(first / steady(cold['epoch_s']), 2, at_least=False)}",
-                f"all fast paths off: steady epoch {steady(plain['epoch_s']):.1f} s ({steady(plain['img_s']):.0f} img/s); "
-                f"auto / off: {steady(cold['img_s']) / steady(plain['img_s']):.2f}x"]
+        return [
+            f"cold cache, auto: decode {cold['decode_s']:.1f} s + epoch 1 {cold['epoch_s'][0]:.1f} s, steady epoch "
+            f"{steady(cold['epoch_s']):.1f} s ({steady(cold['img_s']):.0f} img/s); {fast(cold)}",
+            f"first epoch with the decode / steady: {verdict(first / steady(cold['epoch_s']), 2, at_least=False)}",
+            f"all fast paths off: steady epoch {steady(plain['epoch_s']):.1f} s ({steady(plain['img_s']):.0f} img/s); "
+            f"auto / off: {steady(cold['img_s']) / steady(plain['img_s']):.2f}x",
+        ]
     if part == "b128":
         model = bench(runs, "model128", results)["runs"]["ours"]
         gpu, cpu = training(runs, "b128-gpu-data", results), training(runs, "b128-cpu-data", results)
-        return [f"model only {model['img_s']:.0f} img/s; training, images on the GPU {steady(gpu['img_s']):.0f} img/s ({fast(gpu)}), "
-                f"from the CPU loader {steady(cpu['img_s']):.0f} img/s",
-                f"images on the GPU / model only: {verdict(steady(gpu['img_s']) / model['img_s'], 0.9)}"]
+        return [
+            f"model only {model['img_s']:.0f} img/s; training, images on the GPU {steady(gpu['img_s']):.0f} img/s ({fast(gpu)}), "
+            f"from the CPU loader {steady(cpu['img_s']):.0f} img/s",
+            f"images on the GPU / model only: {verdict(steady(gpu['img_s']) / model['img_s'], 0.9)}",
+        ]
     if part == "graphs-cpu-loader":
         lines = []
         for name in ("cpu-loader", "randaugment"):
             run = training(runs, name, results)
-            lines.append(f"{name}: {run['metrics']['epochs']} epochs, steady {steady(run['img_s']):.0f} img/s; {fast(run)}")
+            lines.append(
+                f"{name}: {run['metrics']['epochs']} epochs, steady {steady(run['img_s']):.0f} img/s; {fast(run)}"
+            )
         return lines
     raise SystemExit(f"unknown part {part}")
 

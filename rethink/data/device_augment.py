@@ -268,18 +268,15 @@ def _resize_chunk(
     _, _, h, w = boxes.unbind(1)
     window = cols_max * 3  # a row of the chunk's widest box: past a narrower box's width it holds pixels never read
     pixels = store.pixels
-    crop = pixels.as_strided((pixels.numel() - window + 1, window), (1, 1)).index_select(
-        0, starts
-    )  # [b * rows_max, window]
+    windows = pixels.as_strided((pixels.numel() - window + 1, window), (1, 1))  # one from every byte on (a view)
+    crop = windows.index_select(0, starts)  # [b * rows_max, window]
     resize_h, resize_w = resize_to.unbind(1)
     crop_y, crop_x = crop_at.unbind(1)
     # vertical pass: lines = rows of the crop, each cols_max * 3 long
     tall = _filter_rows(crop, h, rows_max, size, taps[0], full=resize_h, start=crop_y)
     # horizontal pass: lines = columns of that, each size * 3 long; the flip reverses the output columns
     columns = tall.view(b, size, cols_max, 3).transpose(1, 2).reshape(b * cols_max, size * 3)
-    wide = _filter_rows(
-        columns, w, cols_max, size, taps[1], flips, full=resize_w, start=crop_x
-    )  # [b * size(x), size(y) * 3]
+    wide = _filter_rows(columns, w, cols_max, size, taps[1], flips, full=resize_w, start=crop_x)  # [b * x, y * 3]
     return wide.view(b, size, size, 3).permute(0, 3, 2, 1)  # [b, 3, y, x]
 
 

@@ -48,9 +48,8 @@ from ..errors import UserError
 log = logging.getLogger("rethink")
 
 MAX_CAPTURES = 16
-CAPTURE_MODE = (
-    "thread_local"  # torch.cuda.graph's capture_error_mode: only this thread's CUDA calls may break a capture
-)
+# torch.cuda.graph's capture_error_mode: only this thread's CUDA calls may break a capture
+CAPTURE_MODE = "thread_local"
 
 
 def takes_capture_mode(make_graphed: Callable) -> bool:
@@ -174,7 +173,7 @@ class GraphedForward(nn.Module):
             return self.module(x)
         try:
             self._capture(x)
-        except Exception as e:  # a capture this module or this GPU cannot make: train without graphs, as it would
+        except Exception as e:  # before the capture: train without graphs, as it would; inside it: stop (CaptureFailed)
             self.module.__dict__.pop("forward", None)
             self.release()
             self.failed = True
