@@ -29,6 +29,7 @@ def test_benchmark_times_ours_torchvision_and_variants_and_writes_them(tmp_path,
     training = result["training"]
     assert (training["model"], training["image_size"], training["batch_size"], training["device"]) == ("b0", 32, 4, "cpu")
     assert (training["rounds"], training["steps_per_round"], training["cpu_threads"], training["torchvision"]) == (2, 1, 1, "timed")
+    assert training["cudnn_benchmark"] is False  # what cuDNN's search was (never on the CPU)
     runs = training["runs"]
     assert list(runs) == ["ours", "torchvision", "torchvision_our_settings", "ours+grad_checkpointing:true", "ours+grad_accumulation:2+ema:true"]
     for run in runs.values():

@@ -5,25 +5,28 @@ RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3), antialias=True) follo
 RandomHorizontalFlip(0.5)), but for a whole batch at once on decoded images resident on the device,
 instead of per image in CPU loader workers. Pure functions: no module state, no global RNG.
 
-Store format
-    store  uint8 [N, 3, H_max, W_max]: image k in store[k, :, :h_k, :w_k], padded at the bottom and
-           right (the padding's value does not matter: it is never read);
-    sizes  int64 [N, 2]: each image's real (height, width) = (h_k, w_k).
-    `pad_into_store` builds both from a list of uint8 3xHxW tensors, and `store_bytes` says how much
-    memory that takes (to decide whether a data set fits on the GPU).
+Store format: an `ImageStore`, the images packed one after another in one flat uint8 tensor on the device,
+each in HWC order (no padding: a photo set of both orientations, or a few panoramas, costs what its pixels
+do), with each image's (height, width) and start offset kept on the CPU. `store_bytes(shapes)` says what a
+store for images of (about) these shapes takes; `fill_store(images, shapes, device)` copies images into one
+as they arrive, so a caller that decodes them one by one holds only those in flight on the host.
 
 Boxes are int64 [B, 4] = (top, left, height, width) in image pixels, always inside the real size.
 
-    boxes = sample_crop_boxes(sizes[index], generator)          # torchvision's make_params, vectorised
-    flips = torch.rand(B, generator=generator, device=...) < 0.5
-    out   = crop_resize_flip(store, index, sizes, boxes, flips, size)  # uint8 [B, 3, size, size]
-or both at once: `random_resized_crop_flip(store, sizes, index, size, generator)`.
+    boxes = sample_crop_boxes(store.sizes[index], generator)       # torchvision's make_params, vectorised
+    flips = torch.rand(B, generator=generator) < 0.5
+    out   = crop_resize_flip(store, index, boxes, flips, size)     # uint8 [B, 3, size, size]
+or both at once: `random_resized_crop_flip(store, index, size, generator)`. With `resize_to` and `crop_at`,
+`crop_resize_flip` resizes each box to resize_to (height, width) and keeps the size x size window at crop_at
+of that: torchvision's Resize then CenterCrop (data.augment=none), filter taps across the window's borders
+and sub-pixel offsets included.
 
 Resize method: exactly the filter of torch's antialiased bilinear interpolation, which is what
 torchvision.transforms.v2.functional.resized_crop(..., antialias=True) runs (a triangle filter
 stretched by the downscale factor, PIL-style; plain bilinear when upscaling), applied separably:
-each image's box is gathered (uint8, row/column indices clamped inside the box, so no pixel outside a
-box, hence no padding, is ever read), then resized vertically and horizontally, each pass one
+each image's box is gathered as rows (one index_select of windows of the flat store: row indices are
+clamped inside the box, and the columns a window holds past the box's width are never read by the
+filter, so no pixel outside a box is used), then resized vertically and horizontally, each pass one
 row-gather (index_select) and one float32 multiply-add per filter tap (about 2 x downscale + 2 taps),
 batched over the images of a chunk. The flip reverses the horizontal pass's outputs (free). Images go
 in chunks of `chunk` (sorted by box area, so a chunk's boxes, padded to its largest, are alike), which
@@ -37,7 +40,8 @@ No matmul, so TF32 settings do not matter.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import torch
 
@@ -49,32 +53,72 @@ TRIES = 10  # torchvision's RandomResizedCrop tries this many random boxes befor
 # ----------------------------------------------------------------------------------------------- store
 
 
+@dataclass
+class ImageStore:
+    """Images packed in one flat uint8 tensor: image k is pixels[offsets[k] : offsets[k] + 3 h w] in HWC order,
+    (h, w) = sizes[k]. `pixels` is on the device; `sizes` and `offsets` (int64) stay on the CPU, where the crops'
+    bookkeeping happens."""
+
+    pixels: torch.Tensor
+    sizes: torch.Tensor
+    offsets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def image(self, k: int) -> torch.Tensor:
+        """Image k, uint8 3xHxW (a view of the store)."""
+        h, w = self.sizes[k].tolist()
+        start = int(self.offsets[k])
+        return self.pixels[start : start + 3 * h * w].view(h, w, 3).permute(2, 0, 1)
+
+
 def store_bytes(shapes: Sequence[Sequence[int]]) -> int:
-    """Bytes of the (store, sizes) pair `pad_into_store` makes for images of these shapes ((H, W) or
-    (C, H, W) each; stored with 3 channels, padded to the largest height and width)."""
+    """Bytes of the store `fill_store` makes for images of these shapes ((H, W) or (C, H, W) each, stored with 3
+    channels): their pixels with a pixel of slack in each side (a JPEG's header can tell its decoded size a pixel
+    off), a tail as long as the widest row (each crop reads whole windows of the widest box's width), and the
+    bookkeeping."""
     shapes = [tuple(s)[-2:] for s in shapes]
     if not shapes:
         return 0
-    h_max = max(h for h, _ in shapes)
-    w_max = max(w for _, w in shapes)
-    return len(shapes) * (3 * h_max * w_max + 2 * 8)
+    return _capacity(shapes) + len(shapes) * 3 * 8
 
 
-def pad_into_store(images: Sequence[torch.Tensor], device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 3xHxW images (any sizes) -> (store uint8 [N, 3, H_max, W_max] zero-padded at the
-    bottom/right, sizes int64 [N, 2] of (height, width)), both on `device`."""
-    if not images:
-        raise ValueError("pad_into_store: no images")
+def _capacity(shapes: Sequence[tuple[int, int]]) -> int:
+    return sum(3 * (h + 1) * (w + 1) for h, w in shapes) + 3 * (max(w for _, w in shapes) + 1)
+
+
+def fill_store(
+    images: Iterable[torch.Tensor], shapes: Sequence[Sequence[int]], device: torch.device | str
+) -> ImageStore:
+    """The store of `images` (uint8 3xHxW, about `shapes` in size, as many), each copied to `device` as it
+    arrives: a lazy iterable of decoded images is never held on the host all at once."""
+    shapes = [tuple(int(v) for v in tuple(s)[-2:]) for s in shapes]
+    if not shapes:
+        raise ValueError("fill_store: no images")
+    pixels = torch.empty(_capacity(shapes), dtype=torch.uint8, device=device)
+    room = pixels.numel() - 3 * (max(w for _, w in shapes) + 1)  # the tail stays free for the windows
+    sizes, offsets, used = [], [], 0
     for k, image in enumerate(images):
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"pad_into_store: image {k} is {image.dtype} {tuple(image.shape)}; expected uint8 3xHxW")
-    device = torch.device(device) if device is not None else images[0].device
-    sizes = torch.tensor([[int(im.shape[1]), int(im.shape[2])] for im in images], dtype=torch.long)
-    h_max, w_max = (int(v) for v in sizes.max(0).values)
-    store = torch.zeros(len(images), 3, h_max, w_max, dtype=torch.uint8, device=device)
-    for k, image in enumerate(images):
-        store[k, :, : image.shape[1], : image.shape[2]].copy_(image, non_blocking=True)
-    return store, sizes.to(device)
+            raise ValueError(f"fill_store: image {k} is {image.dtype} {tuple(image.shape)}; expected uint8 3xHxW")
+        h, w = int(image.shape[1]), int(image.shape[2])
+        if k >= len(shapes) or used + 3 * h * w > room:
+            raise ValueError(f"fill_store: image {k} ({h}x{w}) is past the {len(shapes)} images of the sizes given")
+        pixels[used : used + 3 * h * w].view(h, w, 3).copy_(image.permute(1, 2, 0))
+        sizes.append((h, w))
+        offsets.append(used)
+        used += 3 * h * w
+    if len(sizes) != len(shapes):
+        raise ValueError(f"fill_store: {len(sizes)} images for the {len(shapes)} sizes given")
+    return ImageStore(pixels, torch.tensor(sizes, dtype=torch.long), torch.tensor(offsets, dtype=torch.long))
+
+
+def pack_into_store(images: Sequence[torch.Tensor], device: torch.device | str | None = None) -> ImageStore:
+    """The store of these uint8 3xHxW images (any sizes), on `device` (default: the first image's)."""
+    if not images:
+        raise ValueError("pack_into_store: no images")
+    return fill_store(images, [image.shape for image in images], device if device is not None else images[0].device)
 
 
 # ----------------------------------------------------------------------------------------------- boxes
@@ -143,23 +187,29 @@ def sample_crop_boxes(
 # ---------------------------------------------------------------------------------------------- resize
 
 
-def _aa_taps(length: torch.Tensor, out_size: int, taps: int, flip: torch.Tensor | None = None):
+def _aa_taps(length: torch.Tensor, out_size: int, taps: int, flip: torch.Tensor | None = None, full=None, start=None):
     """Torch's antialiased-bilinear filter (aten's _compute_indices_min_size_weights_aa, triangle
     filter, align_corners=False) for resizing lines of `length` pixels (per image) to `out_size`:
     (first int64 [b, out_size], weights float32 [b, out_size, taps]): output o is
-    sum_k weights[o, k] * line[first[o] + k]; taps past the filter's window weigh 0. With `flip`, the
-    outputs of those images come in reverse order (a horizontal flip for free)."""
+    sum_k weights[o, k] * line[first[o] + k]; taps past the filter's window weigh 0. With `full` and
+    `start` (per image), the lines are resized to `full` pixels and outputs start..start + out_size - 1
+    of that are kept (a resize, then a crop). With `flip`, the outputs of those images come in reverse
+    order (a horizontal flip for free)."""
     device = length.device
     n = length.to(torch.float64)[:, None]  # [b, 1]
-    scale = n / out_size
+    full = n.new_full(n.shape, out_size) if full is None else full.to(torch.float64)[:, None]
+    start = torch.zeros_like(n) if start is None else start.to(torch.float64)[:, None]
+    scale = n / full
     upscale = scale < 1
     support = torch.where(upscale, torch.ones_like(scale), scale)  # bilinear: half-width 1, stretched when shrinking
     invscale = torch.where(upscale, torch.ones_like(scale), 1.0 / scale)
-    center = scale * (torch.arange(out_size, device=device, dtype=torch.float64)[None] + 0.5)
+    center = scale * (start + torch.arange(out_size, device=device, dtype=torch.float64)[None] + 0.5)
     first = torch.clamp(torch.trunc(center - support + 0.5), min=0)
     end = torch.minimum(torch.trunc(center + support + 0.5), n)
     j = first[:, :, None] + torch.arange(taps, device=device, dtype=torch.float64)
-    weights = torch.clamp(1 - ((j - center[:, :, None] + 0.5) * invscale[:, :, None]).abs(), min=0) * (j < end[:, :, None])
+    weights = torch.clamp(1 - ((j - center[:, :, None] + 0.5) * invscale[:, :, None]).abs(), min=0) * (
+        j < end[:, :, None]
+    )
     weights = weights / weights.sum(-1, keepdim=True)
     first = first.to(torch.long)
     if flip is not None:
@@ -168,17 +218,27 @@ def _aa_taps(length: torch.Tensor, out_size: int, taps: int, flip: torch.Tensor 
     return first, weights.to(torch.float32)
 
 
-def _max_taps(longest: int, out_size: int) -> int:
-    """An upper bound of the filter's window (input pixels per output) for lines up to `longest`."""
-    return math.ceil(2 * max(longest / out_size, 1.0)) + 2
+def _max_taps(downscale: float) -> int:
+    """An upper bound of the filter's window (input pixels per output) at this largest downscale factor."""
+    return math.ceil(2 * max(downscale, 1.0)) + 2
 
 
-def _filter_rows(lines: torch.Tensor, count: torch.Tensor, lines_per_image: int, out_size: int, taps: int, flip=None) -> torch.Tensor:
+def _filter_rows(
+    lines: torch.Tensor,
+    count: torch.Tensor,
+    lines_per_image: int,
+    out_size: int,
+    taps: int,
+    flip=None,
+    full=None,
+    start=None,
+) -> torch.Tensor:
     """lines [b * lines_per_image, L] (image i's line r at row i * lines_per_image + r, only its first
-    count[i] real) -> float32 [b * out_size, L], each image's lines resized to out_size: one
-    row-gather and multiply-add per filter tap; no line at or past count[i] is read."""
+    count[i] real) -> float32 [b * out_size, L], each image's lines resized to out_size (or to full[i],
+    keeping outputs from start[i]: see _aa_taps): one row-gather and multiply-add per filter tap; no line
+    at or past count[i] is read."""
     b = count.shape[0]
-    first, weights = _aa_taps(count, out_size, taps, flip)
+    first, weights = _aa_taps(count, out_size, taps, flip, full, start)
     base = (torch.arange(b, device=lines.device) * lines_per_image)[:, None]
     last = count[:, None] - 1
     shape = (b * out_size, lines.shape[1])
@@ -191,69 +251,96 @@ def _filter_rows(lines: torch.Tensor, count: torch.Tensor, lines_per_image: int,
     return out
 
 
-def _resize_chunk(store, index, boxes, flips, size, rows_max, cols_max) -> torch.Tensor:
-    """float32 [b, 3, size, size] for one chunk; reads only pixels inside each box."""
-    device = store.device
-    b = index.shape[0]
-    top, left, h, w = boxes.unbind(1)
-    rows = top[:, None] + torch.minimum(torch.arange(rows_max, device=device)[None], h[:, None] - 1)  # [b, rows_max]
-    cols = left[:, None] + torch.minimum(torch.arange(cols_max, device=device)[None], w[:, None] - 1)
-    crop = store[index[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # uint8 [b, rows_max, cols_max, 3]
+def _box_rows(store: ImageStore, index: torch.Tensor, boxes: torch.Tensor, rows_max: int) -> torch.Tensor:
+    """Where each of a chunk's box rows starts in the flat store (int64 [b * rows_max], on the CPU): row r of
+    box i is the box's row min(r, height - 1), from its left edge."""
+    top, left, h, _ = boxes.unbind(1)
+    rows = top[:, None] + torch.minimum(torch.arange(rows_max)[None], h[:, None] - 1)  # [b, rows_max]
+    width = store.sizes[index, 1][:, None]
+    return (store.offsets[index][:, None] + (rows * width + left[:, None]) * 3).reshape(-1)
+
+
+def _resize_chunk(
+    store: ImageStore, starts, boxes, flips, size, rows_max, cols_max, taps, resize_to, crop_at
+) -> torch.Tensor:
+    """float32 [b, 3, size, size] for one chunk (its box rows start at `starts`); uses only pixels inside each box."""
+    b = boxes.shape[0]
+    _, _, h, w = boxes.unbind(1)
+    window = cols_max * 3  # a row of the chunk's widest box: past a narrower box's width it holds pixels never read
+    pixels = store.pixels
+    windows = pixels.as_strided((pixels.numel() - window + 1, window), (1, 1))  # one from every byte on (a view)
+    crop = windows.index_select(0, starts)  # [b * rows_max, window]
+    resize_h, resize_w = resize_to.unbind(1)
+    crop_y, crop_x = crop_at.unbind(1)
     # vertical pass: lines = rows of the crop, each cols_max * 3 long
-    tall = _filter_rows(crop.reshape(b * rows_max, cols_max * 3), h, rows_max, size, _max_taps(rows_max, size))
+    tall = _filter_rows(crop, h, rows_max, size, taps[0], full=resize_h, start=crop_y)
     # horizontal pass: lines = columns of that, each size * 3 long; the flip reverses the output columns
     columns = tall.view(b, size, cols_max, 3).transpose(1, 2).reshape(b * cols_max, size * 3)
-    wide = _filter_rows(columns, w, cols_max, size, _max_taps(cols_max, size), flips)  # [b * size(x), size(y) * 3]
+    wide = _filter_rows(columns, w, cols_max, size, taps[1], flips, full=resize_w, start=crop_x)  # [b * x, y * 3]
     return wide.view(b, size, size, 3).permute(0, 3, 2, 1)  # [b, 3, y, x]
 
 
 def crop_resize_flip(
-    store: torch.Tensor,
+    store: ImageStore,
     index: torch.Tensor,
-    sizes: torch.Tensor,
     boxes: torch.Tensor,
     flips: torch.Tensor,
     size: int,
     chunk: int | None = None,
+    resize_to: torch.Tensor | None = None,
+    crop_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 [B, 3, size, size]: image index[i] of `store` cropped to boxes[i] (top, left, height,
     width), resized to size x size (antialiased bilinear, as torchvision's resized_crop), flipped
-    left-right where flips[i]. `sizes` is the store's [N, 2] real sizes: boxes are clamped inside
-    them, so padding is never read even for a bad box. At most `chunk` images are converted to
-    float at a time (each as its box, padded to the chunk's largest box); default 8 on CPU (cache
-    sized), 32 elsewhere (fewer kernel launches). `index` may repeat and be in any order.
+    left-right where flips[i]. With `resize_to` and `crop_at` ([B, 2] each, (y, x)), the box is resized to
+    resize_to[i] (height, width) instead and the size x size window at crop_at[i] of that is kept (Resize,
+    then CenterCrop). Boxes are clamped inside the images' real sizes, so no other pixel is read even for a
+    bad box. At most `chunk` images are converted to float at a time (each as its box, padded to the
+    chunk's largest box); default 8 on CPU (cache sized), 32 elsewhere (fewer kernel launches). `index` may
+    repeat and be in any order.
 
-    The bookkeeping (clamping, the chunks' largest boxes) happens where `boxes` are: give `index`,
-    `sizes`, `boxes` and `flips` on the CPU and the store on the GPU, and the GPU is never waited for
-    (they go over from pinned memory); with everything on the GPU, reading the chunks' sides is one
-    device-to-host sync."""
-    device, host = store.device, boxes.device
-    index = index.to(device=host, dtype=torch.long)
+    The bookkeeping (clamping, the chunks' largest boxes, where their rows start) happens on the CPU, like
+    the store's sizes: give `index`, `boxes` and `flips` there and the GPU is never waited for (what it
+    needs goes over from pinned memory)."""
+    device = store.pixels.device
+    index, boxes, flips = index.cpu().long(), boxes.cpu().long(), flips.cpu().bool()
     batch = index.shape[0]
     out = torch.empty(batch, 3, size, size, dtype=torch.uint8, device=device)
     if batch == 0:
         return out
-    real = sizes.to(host)[index]
-    boxes = boxes.to(torch.long)
+    real = store.sizes[index]
     top = torch.minimum(boxes[:, 0].clamp(min=0), real[:, 0] - 1)
     left = torch.minimum(boxes[:, 1].clamp(min=0), real[:, 1] - 1)
     h = torch.minimum(boxes[:, 2].clamp(min=1), real[:, 0] - top)
     w = torch.minimum(boxes[:, 3].clamp(min=1), real[:, 1] - left)
     boxes = torch.stack([top, left, h, w], 1)
-    flips = flips.to(device=host, dtype=torch.bool)
+    resize_to = torch.full((batch, 2), size, dtype=torch.long) if resize_to is None else resize_to.cpu().long()
+    crop_at = torch.zeros(batch, 2, dtype=torch.long) if crop_at is None else crop_at.cpu().long()
 
     order = torch.argsort(h * w)  # similar-sized boxes share a chunk
     chunk = max(1, int(chunk if chunk is not None else (8 if device.type == "cpu" else 32)))
-    n_chunks = -(-batch // chunk)
-    pad = n_chunks * chunk - batch
-    hs = torch.nn.functional.pad(h[order], (0, pad)).view(n_chunks, chunk).amax(1)
-    ws = torch.nn.functional.pad(w[order], (0, pad)).view(n_chunks, chunk).amax(1)
-    maxima = torch.stack([hs, ws], 1).tolist()  # no sync where `host` is the CPU
-    index, boxes, flips, order = (to_device(t, device) for t in (index, boxes, flips, order))
-    for c, (rows_max, cols_max) in enumerate(maxima):
+    for c in range(-(-batch // chunk)):
         part = order[c * chunk : (c + 1) * chunk]
-        resized = _resize_chunk(store, index[part], boxes[part], flips[part], size, int(rows_max), int(cols_max))
-        out.index_copy_(0, part, resized.round_().clamp_(0, 255).to(torch.uint8))
+        rows_max, cols_max = boxes[part, 2:].amax(0).tolist()
+        downscale = (boxes[part, 2:] / resize_to[part]).amax(0).tolist()  # (vertical, horizontal)
+        facts = to_device(
+            torch.cat([boxes[part], resize_to[part], crop_at[part], flips[part, None], part[:, None]], 1), device
+        )
+        starts = to_device(_box_rows(store, index[part], boxes[part], rows_max), device)
+        taps = (_max_taps(downscale[0]), _max_taps(downscale[1]))
+        resized = _resize_chunk(
+            store,
+            starts,
+            facts[:, :4],
+            facts[:, 8].bool(),
+            size,
+            rows_max,
+            cols_max,
+            taps,
+            facts[:, 4:6],
+            facts[:, 6:8],
+        )
+        out.index_copy_(0, facts[:, 9], resized.round_().clamp_(0, 255).to(torch.uint8))
     return out
 
 
@@ -267,8 +354,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def random_resized_crop_flip(
-    store: torch.Tensor,
-    sizes: torch.Tensor,
+    store: ImageStore,
     index: torch.Tensor,
     size: int,
     generator: torch.Generator,
@@ -277,12 +363,10 @@ def random_resized_crop_flip(
     chunk: int | None = None,
 ) -> torch.Tensor:
     """RandomResizedCrop(size, scale, ratio, antialias=True) + RandomHorizontalFlip(0.5) of images
-    index[i] of the store: uint8 [B, 3, size, size]. Boxes first, then flips, all from `generator`
-    (same seed, same batch), drawn where the generator is: a CPU generator (with `sizes` and `index` on
-    the CPU) gives the same boxes for a store on any device, and never waits for a GPU."""
-    host = generator.device
-    index = index.to(device=host, dtype=torch.long)
-    sizes = sizes.to(host)
-    boxes = sample_crop_boxes(sizes[index], generator, scale, ratio)
-    flips = torch.rand(index.shape[0], generator=generator, device=host) < 0.5
-    return crop_resize_flip(store, index, sizes, boxes, flips, size, chunk=chunk)
+    index[i] of the store: uint8 [B, 3, size, size]. Boxes first, then flips, all from `generator`, a CPU
+    generator (same seed, same batch): the same boxes for a store on any device, drawn without waiting for
+    a GPU."""
+    index = index.cpu().long()
+    boxes = sample_crop_boxes(store.sizes[index], generator, scale, ratio)
+    flips = torch.rand(index.shape[0], generator=generator) < 0.5
+    return crop_resize_flip(store, index, boxes, flips, size, chunk=chunk)

@@ -2,47 +2,64 @@
 
 `DeviceLoader` stands in for the train DataLoader: it decodes the training split once (in loader workers,
 in parallel, through the data set's own `image()`, so the decoded-image cache and its pixels are the same
-as the CPU path's), keeps the images in a padded uint8 store on the device (device_augment.py), and yields
-(uint8 images [B, 3, size, size], labels) on the device: RandomResizedCrop + horizontal flip
-(data.augment=flip_crop) or resize + centre crop (none), batched, with no copy from the host per step.
+as the CPU path's), copying each image into a packed uint8 store on the device as it arrives (the host holds
+only the images in flight), and yields (uint8 images [B, 3, size, size], labels) on the device:
+RandomResizedCrop + horizontal flip (data.augment=flip_crop) or torchvision's Resize + CenterCrop (none),
+batched, with no copy from the host per step.
 
 Order and randomness: the same SeededSampler as make_loader (the same batches of the same images in the same
-order per (seed, epoch), shards under DDP, resumable mid-epoch). Each batch's boxes and flips come from a CPU
-generator seeded by the sampler's seed for the batch's first sample, so a batch depends on (seed, epoch, its
-place in the epoch) alone: reproducible per seed, the same crops on any device, and a resumed epoch continues
-exactly. The crops have torchvision's distribution, not its random numbers: this path and the CPU loader's
-train on different draws. The boxes are drawn and sorted on the CPU and go over to the GPU (with the labels)
-from pinned memory, so making a batch never waits for the GPU.
+order per (seed, epoch), resumable mid-epoch). Each batch's boxes and flips come from a CPU generator seeded
+by the sampler's seed for the batch's first sample, so a batch depends on (seed, epoch, its place in the
+epoch) alone: reproducible per seed, the same crops on any device, and a resumed epoch continues exactly. The
+crops have torchvision's distribution, not its random numbers: this path and the CPU loader's train on
+different draws. The boxes are drawn and sorted on the CPU and go over to the GPU (with the labels) from
+pinned memory, so making a batch never waits for the GPU.
+
+Under DDP each process stores only its own share of the training images, every world_size-th image from its
+rank on (a fixed share: the split is sorted by class, so each share holds every class), and shuffles that
+share each epoch, len(split) // world_size images an epoch as the CPU loader's shards have: every process
+steps equally often, and an epoch still trains on each image once, but the global batch draws from the
+processes' shares instead of one shuffle of the whole split.
 """
 
 import logging
-from typing import Iterator
+import time
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import value
 from .datasets import FileImages, SeededImages, TensorImages
-from .device_augment import crop_resize_flip, pad_into_store, random_resized_crop_flip, store_bytes, to_device
+from .device_augment import crop_resize_flip, fill_store, random_resized_crop_flip, store_bytes, to_device
 from .images import shorter_side_size
 from .loaders import SeededSampler, default_num_workers
 
 log = logging.getLogger("rethink")
 
 
-def stored_shapes(dataset: SeededImages) -> list[tuple[int, int]]:
-    """(height, width) of each image as the data set decodes it, from the files' headers (nothing is decoded)."""
+def share(size: int, shard: tuple[int, int] = (0, 1)) -> list[int]:
+    """The images a process of a DDP run stores: every world_size-th from its rank on."""
+    rank, world_size = shard
+    return list(range(rank, size, world_size))
+
+
+def stored_shapes(dataset: SeededImages, indices: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """(height, width) of each image (of `indices`, default all) as the data set decodes it, from the files'
+    headers (nothing is decoded)."""
+    indices = range(len(dataset)) if indices is None else indices
     if isinstance(dataset, TensorImages):
-        return [tuple(dataset.images.shape[-2:])] * len(dataset)
+        return [tuple(dataset.images.shape[-2:])] * len(indices)
     if isinstance(dataset, FileImages):
-        return [_decoded_shape(dataset.root / path, dataset.stored_side) for path in dataset.paths]
-    return [tuple(dataset.image(i).shape[-2:]) for i in range(len(dataset))]
+        return [_decoded_shape(dataset.root / dataset.paths[i], dataset.stored_side) for i in indices]
+    return [tuple(dataset.image(i).shape[-2:]) for i in indices]
 
 
-def device_bytes(dataset: SeededImages) -> int:
-    """The device memory the data set's images take in a DeviceLoader's store."""
-    return store_bytes(stored_shapes(dataset))
+def device_bytes(dataset: SeededImages, shard: tuple[int, int] = (0, 1)) -> int:
+    """The device memory the data set's images take in a DeviceLoader's store (a DDP process's: its share)."""
+    return store_bytes(stored_shapes(dataset, share(len(dataset), shard)))
 
 
 def _decoded_shape(path, stored_side: int) -> tuple[int, int]:
@@ -57,20 +74,23 @@ def _decoded_shape(path, stored_side: int) -> tuple[int, int]:
 
 
 class _Decoded(Dataset):
-    def __init__(self, dataset: SeededImages):
-        self.dataset = dataset
+    def __init__(self, dataset: SeededImages, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.dataset.image(index)
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.dataset.image(self.indices[k])
 
 
-def decode_all(dataset: SeededImages, workers: int) -> list[torch.Tensor]:
-    """Every image of `dataset` as it decodes it (uint8 3xHxW), in order, decoded by `workers` loader workers."""
-    loader = DataLoader(_Decoded(dataset), batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None)
-    return [image.clone() for image in loader]  # a copy of its own: a worker's tensor holds a file descriptor
+def decoded(dataset: SeededImages, workers: int, indices: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
+    """The images of `dataset` (of `indices`, default all) as it decodes them (uint8 3xHxW), in order, one at a
+    time, decoded by `workers` loader workers in parallel."""
+    indices = range(len(dataset)) if indices is None else indices
+    yield from DataLoader(
+        _Decoded(dataset, indices), batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None
+    )
 
 
 class DeviceLoader:
@@ -82,12 +102,19 @@ class DeviceLoader:
         self.size = size
         self.crop = value(data_cfg.augment) == "flip_crop"  # else data.augment=none: resize + centre crop
         self.device = device
-        self.sampler = SeededSampler(range(len(dataset)), seed, shuffle=True, shard=shard)
+        owned = share(len(dataset), shard)[: len(dataset) // shard[1]]  # as many for every process
+        # the store's k-th image is the data set's owned[k]; each process shuffles its own share with its own seed
+        rank_seed = seed if shard[1] == 1 else int(np.random.SeedSequence([seed, shard[0]]).generate_state(1)[0])
+        self.sampler = SeededSampler(range(len(owned)), rank_seed, shuffle=True)
         workers = default_num_workers() if data_cfg.num_workers is None else data_cfg.num_workers
-        self.store, sizes = pad_into_store(decode_all(dataset, workers), device)
-        self.sizes = sizes.cpu()  # the crops' bookkeeping stays on the CPU: nothing waits for the GPU
-        self.labels = torch.as_tensor(dataset.labels, dtype=torch.long)
-        log.info(f"data.on_gpu: {len(dataset)} training images on {device} ({self.store.numel() / 2**30:.2f} GiB)")
+        started = time.perf_counter()
+        self.store = fill_store(decoded(dataset, workers, owned), stored_shapes(dataset, owned), device)
+        self.decode_s = time.perf_counter() - started
+        self.labels = torch.as_tensor(dataset.labels, dtype=torch.long)[owned]
+        log.info(
+            f"data.on_gpu: {len(owned)} training images on {device} ({self.store.pixels.numel() / 2**30:.2f} GiB), "
+            f"decoded and stored in {self.decode_s:.1f} s"
+        )
 
     def __len__(self) -> int:
         """Whole batches (the last incomplete one dropped, as the train DataLoader does)."""
@@ -106,13 +133,15 @@ class DeviceLoader:
             yield self._images(index, pairs[start][1]), to_device(self.labels[index], self.device)
 
     def _images(self, index: torch.Tensor, seed: int) -> torch.Tensor:
+        """The batch of the store's images `index`."""
         if self.crop:  # boxes and flips from a CPU generator: the same crops whatever the device
-            return random_resized_crop_flip(self.store, self.sizes, index, self.size, torch.Generator().manual_seed(seed))
-        # torchvision's Resize(size) (the longer side int(size * long / short)) then CenterCrop(size), as the
-        # square of the shorter side the crop covers in the stored image
-        real = self.sizes[index]
+            return random_resized_crop_flip(self.store, index, self.size, torch.Generator().manual_seed(seed))
+        # torchvision's Resize(size) (the shorter side to size, the longer to int(size * long / short)) of the whole
+        # image, then CenterCrop(size) of that (its offset round((resized - size) / 2))
+        real = self.store.sizes[index]
         short = real.min(1, keepdim=True).values
         resized = torch.where(real == short, self.size, (self.size * real) // short)
-        offset = torch.round(torch.round((resized - self.size) / 2) * short / self.size).long()
-        boxes = torch.cat([offset, short, short], 1)
-        return crop_resize_flip(self.store, index, self.sizes, boxes, torch.zeros(len(index), dtype=torch.bool), self.size)
+        offset = torch.round((resized - self.size) / 2).long()
+        whole = torch.cat([torch.zeros_like(real), real], 1)
+        no_flip = torch.zeros(len(index), dtype=torch.bool)
+        return crop_resize_flip(self.store, index, whole, no_flip, self.size, resize_to=resized, crop_at=offset)

@@ -113,7 +113,7 @@ def measure(cfg: DictConfig) -> dict:
             for run in runs[r % len(runs):] + runs[: r % len(runs)]:
                 if run.error is None:
                     _time_round(run, b.steps, batch, device)
-        return _report(cfg, runs, device, cpu_threads, size, batch, skipped)
+        return {**_report(cfg, runs, device, cpu_threads, size, batch, skipped), "cudnn_benchmark": torch.backends.cudnn.benchmark}
     finally:
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -13,7 +13,10 @@
                              with trainer.deterministic.
     data.on_gpu              the decoded training images resident on the GPU, cropped and flipped there in
                              batches (data/device_augment.py). auto: on for CUDA runs with data.augment=flip_crop
-                             or none whose images take at most ON_GPU_MEMORY_SHARE of the GPU's free memory.
+                             or none whose images (a DDP process's share of them) take at most
+                             ON_GPU_MEMORY_SHARE of the GPU's free memory, and leave room for the training
+                             step (`step_reserve`: its activations, twice with CUDA graphs, and the gradients
+                             and optimizer state).
 
 Compiled code is kept between runs: `share_compiled_code` turns on inductor's FX-graph cache and AOT autograd's
 cache in one folder per user ($TORCHINDUCTOR_CACHE_DIR, else ~/.cache/rethink/inductor), so the jobs of a sweep
@@ -37,7 +40,9 @@ from ..environment import user_cache_home
 from ..errors import UserError
 from .cuda_graphs import GraphedForward
 
-COMPILE_PAYS_AFTER_IMAGES = 2_000_000  # B0 224 px batch 256 on an H200 (issue 11): 63 s to compile, 5,118 -> 6,928 img/s
+COMPILE_PAYS_AFTER_IMAGES = (
+    2_000_000  # B0 224 px batch 256 on an H200 (issue 11): 63 s to compile, 5,118 -> 6,928 img/s
+)
 GRAPHS_BATCH_MAX = 64  # B0 on an H200 (issue 12): 570 img/s at batch 16, 5,118 at 256: small batches wait on launches
 CUDNN_PAYS_AFTER_STEPS = 10_000  # 17.7 s of search, repaid at ~2 ms per step (10% of a launch-bound 20 ms step)
 ON_GPU_MEMORY_SHARE = 0.5  # of the free GPU memory; the rest is the training step's
@@ -80,17 +85,29 @@ def as_used(decided: FastPaths, store_fitted: bool = True, graphs_captured: bool
     return used
 
 
-def choose(cfg, device_type: str, world_size: int, steps_per_epoch: int, store_bytes: Callable[[], int],
-           free_bytes: Optional[int] = None) -> FastPaths:
-    """The run's decisions. `store_bytes()`: what its training images would take on the GPU (asked only
-    where it decides); `free_bytes`: the GPU's free memory."""
+def choose(
+    cfg,
+    device_type: str,
+    world_size: int,
+    steps_per_epoch: int,
+    store_bytes: Callable[[], int],
+    free_bytes: Optional[int] = None,
+    step_bytes: Callable[[bool], int] = lambda graphs: 0,
+) -> FastPaths:
+    """The run's decisions. `store_bytes()`: what its training images would take on the GPU, `step_bytes(graphs)`:
+    what its training step will take there (with CUDA graphs or not), both asked only where they decide;
+    `free_bytes`: the GPU's free memory."""
     t = cfg.trainer
     batch = cfg.data.batch_size
     steps = t.epochs * steps_per_epoch
     compiled = compile_choice(t.compile, device_type, steps * batch * world_size)
-    graphs = cuda_graphs_choice(t.cuda_graphs, device_type, batch, world_size, t.grad_accumulation, bool(t.grad_checkpointing), compiled.on)
+    graphs = cuda_graphs_choice(
+        t.cuda_graphs, device_type, batch, world_size, t.grad_accumulation, bool(t.grad_checkpointing), compiled.on
+    )
     benchmark = cudnn_benchmark_choice(t.cudnn_benchmark, device_type, bool(t.deterministic), steps)
-    on_gpu = data_on_gpu_choice(cfg.data.on_gpu, device_type, value(cfg.data.augment), store_bytes, free_bytes)
+    on_gpu = data_on_gpu_choice(
+        cfg.data.on_gpu, device_type, value(cfg.data.augment), store_bytes, free_bytes, lambda: step_bytes(graphs.on)
+    )
     return FastPaths(compiled, graphs, benchmark, on_gpu)
 
 
@@ -100,22 +117,40 @@ def compile_choice(setting: Any, device_type: str, planned_images: int) -> Choic
     if device_type != "cuda":
         return Choice(False, "auto: not on a GPU")
     if planned_images < COMPILE_PAYS_AFTER_IMAGES:
-        return Choice(False, f"auto: {planned_images:,} training images, fewer than the {COMPILE_PAYS_AFTER_IMAGES:,} that repay compiling")
+        return Choice(
+            False,
+            f"auto: {planned_images:,} training images, fewer than the {COMPILE_PAYS_AFTER_IMAGES:,} that repay compiling",
+        )
     return Choice(True, f"auto: {planned_images:,} training images repay compiling")
 
 
-def cuda_graphs_choice(setting: Any, device_type: str, batch: int, world_size: int, grad_accumulation: int,
-                       grad_checkpointing: bool, compiled: bool) -> Choice:
-    conflicts = [why for why, present in (
-        ("a CUDA device", device_type != "cuda"),
-        ("one process (not DDP)", world_size > 1),
-        ("trainer.grad_accumulation=1", grad_accumulation > 1),
-        ("trainer.grad_checkpointing=false", grad_checkpointing),
-    ) if present]
+def cuda_graphs_choice(
+    setting: Any,
+    device_type: str,
+    batch: int,
+    world_size: int,
+    grad_accumulation: int,
+    grad_checkpointing: bool,
+    compiled: bool,
+) -> Choice:
+    conflicts = [
+        why
+        for why, present in (
+            ("a CUDA device", device_type != "cuda"),
+            ("one process (not DDP)", world_size > 1),
+            ("trainer.grad_accumulation=1", grad_accumulation > 1),
+            ("trainer.grad_checkpointing=false", grad_checkpointing),
+        )
+        if present
+    ]
     if setting is True:
         if conflicts:
-            raise UserError(f"trainer.cuda_graphs=true needs {' and '.join(conflicts)}; use trainer.cuda_graphs=auto or false")
-        return Choice(True, "trainer.cuda_graphs=true" + (", as torch.compile's mode=reduce-overhead" if compiled else ""))
+            raise UserError(
+                f"trainer.cuda_graphs=true needs {' and '.join(conflicts)}; use trainer.cuda_graphs=auto or false"
+            )
+        return Choice(
+            True, "trainer.cuda_graphs=true" + (", as torch.compile's mode=reduce-overhead" if compiled else "")
+        )
     if setting is False:
         return Choice(False, "trainer.cuda_graphs=false")
     if conflicts:
@@ -123,7 +158,9 @@ def cuda_graphs_choice(setting: Any, device_type: str, batch: int, world_size: i
     if compiled:
         return Choice(False, "auto: torch.compile is on")
     if batch > GRAPHS_BATCH_MAX:
-        return Choice(False, f"auto: batch {batch} is above {GRAPHS_BATCH_MAX}, where kernel launches no longer bound the step")
+        return Choice(
+            False, f"auto: batch {batch} is above {GRAPHS_BATCH_MAX}, where kernel launches no longer bound the step"
+        )
     return Choice(True, f"auto: batch {batch} is at most {GRAPHS_BATCH_MAX}")
 
 
@@ -135,30 +172,89 @@ def cudnn_benchmark_choice(setting: Any, device_type: str, deterministic: bool, 
     if setting != "auto":
         return Choice(bool(setting), f"trainer.cudnn_benchmark={str(setting).lower()}")
     if planned_steps < CUDNN_PAYS_AFTER_STEPS:
-        return Choice(False, f"auto: {planned_steps:,} steps, fewer than the {CUDNN_PAYS_AFTER_STEPS:,} that repay its search")
+        return Choice(
+            False, f"auto: {planned_steps:,} steps, fewer than the {CUDNN_PAYS_AFTER_STEPS:,} that repay its search"
+        )
     return Choice(True, f"auto: {planned_steps:,} steps repay its search")
 
 
-def data_on_gpu_choice(setting: Any, device_type: str, augment: str, store_bytes: Callable[[], int], free_bytes: Optional[int]) -> Choice:
-    """Whether the decoded training images live on the GPU. `store_bytes()`: what they need there (only asked
-    where it decides: reading every file's header takes a moment); `free_bytes`: the GPU's free memory."""
+def data_on_gpu_choice(
+    setting: Any,
+    device_type: str,
+    augment: str,
+    store_bytes: Callable[[], int],
+    free_bytes: Optional[int],
+    step_bytes: Callable[[], int],
+) -> Choice:
+    """Whether the decoded training images live on the GPU. `store_bytes()`: what they need there, `step_bytes()`:
+    what the training step will need (only asked where it decides: reading every file's header takes a moment);
+    `free_bytes`: the GPU's free memory. The images may take ON_GPU_MEMORY_SHARE of it, and no more than what
+    the step leaves."""
     if setting is False:
         return Choice(False, "data.on_gpu=false")
-    conflicts = [why for why, present in (
-        ("a CUDA device", device_type != "cuda"),
-        (f"data.augment=flip_crop or none (not {augment})", augment not in ("flip_crop", "none")),
-    ) if present]
+    conflicts = [
+        why
+        for why, present in (
+            ("a CUDA device", device_type != "cuda"),
+            (f"data.augment=flip_crop or none (not {augment})", augment not in ("flip_crop", "none")),
+        )
+        if present
+    ]
     if setting is True:
         if conflicts:
             raise UserError(f"data.on_gpu=true needs {' and '.join(conflicts)}; use data.on_gpu=auto or false")
         return Choice(True, "data.on_gpu=true")
     if conflicts:
         return Choice(False, f"auto: needs {conflicts[0]}")
-    store_bytes = store_bytes()
-    budget = int(ON_GPU_MEMORY_SHARE * (free_bytes or 0))
-    if store_bytes > budget:
-        return Choice(False, f"auto: the images need {store_bytes / 2**30:.2f} GiB, more than {ON_GPU_MEMORY_SHARE:.0%} of the free {free_bytes / 2**30:.1f} GiB")
-    return Choice(True, f"auto: the images need {store_bytes / 2**30:.2f} GiB of the free {free_bytes / 2**30:.1f} GiB")
+    images, step, free = store_bytes(), step_bytes(), free_bytes or 0
+    if images > ON_GPU_MEMORY_SHARE * free:
+        return Choice(
+            False,
+            f"auto: the images need {images / 2**30:.2f} GiB, more than {ON_GPU_MEMORY_SHARE:.0%} of the free {free / 2**30:.1f} GiB",
+        )
+    if images > free - step:
+        return Choice(
+            False,
+            f"auto: the images need {images / 2**30:.2f} GiB, more than the free {free / 2**30:.1f} GiB leaves "
+            f"beside the training step's {step / 2**30:.1f} GiB",
+        )
+    return Choice(
+        True,
+        f"auto: the images need {images / 2**30:.2f} GiB of the free {free / 2**30:.1f} GiB "
+        f"(the training step {step / 2**30:.1f} GiB)",
+    )
+
+
+def step_reserve(model: nn.Module, batch: int, size: int, channels_last: bool, graphs: bool) -> int:
+    """Bytes the training step of `model` will take on its device beyond what it holds now (its weights): the
+    activations one training forward pass of `batch` images of `size` px saves for its backward, counted in
+    fp32 (autocast keeps about 0.65 of that), twice with CUDA graphs (the graphs' own memory pool holds one set,
+    eager passes need another), plus gradients and optimizer state (3 x the weights). Counted on the meta
+    device: nothing is allocated, no random number drawn, no BatchNorm statistic updated."""
+    tensors = {
+        name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    }
+    weights = {id(t) for t in tensors.values()}
+    x = torch.empty(batch, 3, size, size, device="meta")
+    saved = [0]
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in weights:
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            torch.func.functional_call(
+                model, tensors, (x.contiguous(memory_format=torch.channels_last) if channels_last else x,)
+            )
+    finally:
+        model.train(training)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return saved[0] * (2 if graphs else 1) + 3 * weight_bytes
 
 
 def share_compiled_code() -> Path:
@@ -174,8 +270,13 @@ def share_compiled_code() -> Path:
     return folder
 
 
-def forward_modules(model: nn.Module, compiled: bool, graphs: bool, autocast: Callable,
-                    wrap: Callable[[nn.Module], nn.Module] = lambda module: module) -> tuple[nn.Module, nn.Module]:
+def forward_modules(
+    model: nn.Module,
+    compiled: bool,
+    graphs: bool,
+    autocast: Callable,
+    wrap: Callable[[nn.Module], nn.Module] = lambda module: module,
+) -> tuple[nn.Module, nn.Module]:
     """(what evaluates, what trains) for `model` with these fast paths: the model or torch.compile's (with
     `graphs` too, compile's own CUDA graphs, mode="reduce-overhead"); what trains is that, passed through
     `wrap` (DDP wraps after compiling, as PyTorch asks), with CUDA graphs replaying its training passes."""

@@ -141,7 +141,7 @@ def prepare(session: Session, data: DataBundle, resumed: Optional[dict], layout:
     cfg, t, num_classes = session.cfg, session.cfg.trainer, len(data.classes)
     model, normalization = build_network_model(session, num_classes, resumed)
     train_loader, val_loader, steps = make_loaders(session, data, resumed)
-    fast = decide_fast_paths(session, data.train, steps)
+    fast = decide_fast_paths(session, data.train, steps, model)
     torch.backends.cudnn.benchmark = fast.cudnn_benchmark.on
     forward, trained = fast_paths.forward_modules(model, fast.compile.on, fast.cuda_graphs.on, session.precision.autocast,
                                                   wrap=lambda module: distributed.wrap(module, session.world, session.device))
@@ -231,11 +231,12 @@ def batches_per_epoch(train_loader, t: DictConfig) -> int:
     return batches - batches % t.grad_accumulation
 
 
-def decide_fast_paths(session: Session, train_set, steps: int) -> FastPaths:
-    device, t = session.device, session.cfg.trainer
+def decide_fast_paths(session: Session, train_set, steps: int, model: nn.Module) -> FastPaths:
+    device, cfg, t = session.device, session.cfg, session.cfg.trainer
     free = torch.cuda.mem_get_info(device)[0] // t.jobs_per_gpu if device.type == "cuda" else None  # jobs sharing the GPU share it
-    return fast_paths.choose(session.cfg, device.type, session.world.world_size, steps,
-                             store_bytes=lambda: device_bytes(train_set), free_bytes=free)
+    return fast_paths.choose(cfg, device.type, session.world.world_size, steps, store_bytes=lambda: device_bytes(train_set, session.world.shard),
+                             free_bytes=free, step_bytes=lambda graphs: fast_paths.step_reserve(model, cfg.data.batch_size, cfg.model.train_size,
+                                                                                                t.channels_last, graphs))
 
 
 def device_loader(session: Session, dataset, cpu_loader) -> tuple[Any, bool]:
