@@ -23,11 +23,8 @@ from ..train.tensorboard import hparams_config_summary
 
 # `comparison` below is a tasks/compare.py Comparison, `group` one of its Groups (that module imports this one)
 
-CURVES = {
-    "val_acc": "val acc",
-    "val_loss": "val loss",
-    "train_loss": "train loss",
-}  # CURVE_TAGS' curves, by their titles
+# compare's CURVE_TAGS curves, by their chart titles
+CURVES = {"val_acc": "val acc", "val_loss": "val loss", "train_loss": "train loss"}
 METRICS = {"test/acc": "test acc", "val/acc_best": "best val acc"}  # scalar tag -> its HPARAMS column
 FOLLOWERS = ("seed", "params", "gmacs")  # HPARAMS columns after the keys that tell the groups apart, where they differ
 LAYOUT_CATEGORY = "groups: mean ± std over seeds"
