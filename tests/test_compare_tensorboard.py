@@ -148,7 +148,7 @@ def test_each_group_is_a_run_with_its_mean_curves_and_band_and_the_layout_draws_
     assert {tag for tag in fused} == {
         tag for curve in ("val_acc", "val_loss", "train_loss") for tag in group_tags(curve)
     }
-    assert [v for _, v in fused["group_band/train_loss-std"]] == pytest.approx(
+    assert [v for _, v in fused["std_band/train_loss-std"]] == pytest.approx(
         [1.6, 1.3, 1.0], abs=1e-6
     )  # no spread: no band
 

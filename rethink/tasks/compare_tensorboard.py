@@ -49,8 +49,8 @@ def mean_curve(curves: Sequence[dict]) -> tuple[list[int], np.ndarray, np.ndarra
 
 def group_tags(curve: str) -> tuple[str, str, str]:
     """A group run's tags for one of CURVES: the mean, the mean minus and the mean plus one standard deviation (the
-    band's edges in a section of their own, after the means, in TensorBoard's Scalars and Time Series)."""
-    return f"group/{curve}", f"group_band/{curve}-std", f"group_band/{curve}+std"
+    band's edges in a section of their own, which TensorBoard's Scalars and Time Series sort after `group`)."""
+    return f"group/{curve}", f"std_band/{curve}-std", f"std_band/{curve}+std"
 
 
 def write_tensorboard(comparison: Any, out_dir: Path, swept: Sequence[str] = ()) -> None:
