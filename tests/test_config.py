@@ -120,3 +120,14 @@ def test_a_wrong_resume_path_creates_nothing(tmp_path):
     result = run(f"resume={tmp_path / 'nope'}")
     assert result.returncode != 0 and "no checkpoints/last.pt" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.slow
+def test_help_names_every_task_and_the_keys_most_runs_touch_without_dumping_the_config():
+    out = run("--help")
+    assert out.returncode == 0, out.stderr[-2000:]
+    for task in ("train", "eval", "predict", "export", "summary", "benchmark", "compare"):
+        assert task in out.stdout.split("== Groups")[0]
+    for key in ("model.stages.N.block", "seed=", "trainer.epochs", "data.batch_size", "resume="):
+        assert key in out.stdout
+    assert "== Config ==" not in out.stdout and len(out.stdout.splitlines()) < 60
