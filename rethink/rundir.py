@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -225,7 +226,26 @@ def hold_run_lock(folder: Path):
         f.close()
         raise UserError(f"{folder}: another process is training in this folder now (it holds its .lock); wait for it "
                         "to end, or stop it, then continue it") from None
+    _HELD_LOCKS.add(f)
     return f
+
+
+# A flock belongs to the open file, which a forked child (a DataLoader worker) shares: after a kill -9 of the run its
+# workers would hold the lock on until they notice, and a resume right away would be refused. Children close theirs.
+# (/dev/null takes the descriptor's place, so the child's file object may still close it whenever it likes.)
+_HELD_LOCKS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _close_held_locks_in_child() -> None:
+    for f in list(_HELD_LOCKS):
+        if not f.closed:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, f.fileno())  # drops this process's share of the lock; the run keeps its own
+            os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 def _claimed_by_rank_0(base: Path, run_id: str, timeout_s: float = 300) -> str:

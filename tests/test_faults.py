@@ -324,3 +324,30 @@ def test_the_image_cache_keeps_each_decoders_entries_apart(tmp_path, monkeypatch
     ours = cache.ImageCache(tmp_path).entry("ab" * 16, 64)
     monkeypatch.setattr(cache, "DECODER", "decode2-pillow99")
     assert cache.ImageCache(tmp_path).entry("ab" * 16, 64) != ours and images.DECODER in str(ours)
+
+
+HOLD_AND_FORK = """
+import os, sys, time
+from rethink import rundir
+lock = rundir.hold_run_lock(sys.argv[1])
+if os.fork() == 0:  # a loader worker: outlives a killed parent for a few seconds
+    time.sleep(30)
+    os._exit(0)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_killed_hard_frees_its_folder_at_once_though_its_loader_workers_live_on(tmp_path):
+    """A worker forked from the run shares its open files: the folder's lock must not outlive the run in it, or
+    `resume=` right after a kill -9 is refused as "another process is training"."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        assert rundir.run_is_locked(tmp_path)
+        process.kill()  # the run, not its worker
+        process.wait(timeout=10)
+        assert not rundir.run_is_locked(tmp_path)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
