@@ -118,12 +118,16 @@ POSITIVE = Allowed(lambda v: v > 0, "positive")
 FRACTION = Allowed(lambda v: 0 <= v < 1, "in [0, 1)")
 PIXELS = Allowed(lambda v: v >= 8, "at least 8 (pixels)")
 SWITCH = Allowed(lambda v: isinstance(v, bool) or v == "auto", "auto, true or false")
-RANDAUG_LEVEL = "in [0, 20] (the papers' scale; 10 is torchvision's strongest, 15 and 20 the official V2-M and V2-L ends)"
+RANDAUG_LEVEL = (
+    "in [0, 20] (the papers' scale; 10 is torchvision's strongest, 15 and 20 the official V2-M and V2-L ends)"
+)
 
 
 def _pair(ok: Callable[[Any], bool], allowed: str) -> Allowed:
     """A [start, end] pair, each null (the run's own value) or `allowed`."""
-    return Allowed(lambda v: len(v) == 2 and all(x is None or ok(x) for x in v), f"[start, end], each null or {allowed}")
+    return Allowed(
+        lambda v: len(v) == 2 and all(x is None or ok(x) for x in v), f"[start, end], each null or {allowed}"
+    )
 
 
 @dataclass
@@ -151,18 +155,28 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: Dataset = key(WHAT, Dataset.flowers)
-    root: Optional[str] = key(HOW, None)  # null: $RETHINK_DATA, else ~/.cache/rethink/data (where the data lies; what it is: its split's fingerprint)
+    root: Optional[str] = key(
+        HOW, None
+    )  # null: $RETHINK_DATA, else ~/.cache/rethink/data (where the data lies; what it is: its split's fingerprint)
     batch_size: int = key(WHAT, 16, allowed=AT_LEAST_1)
-    num_workers: Optional[int] = key(HOW, None, allowed=Allowed(lambda v: v is None or v >= 0, "null (min(8, CPUs)) or 0 or more"))  # null: min(8, CPUs available)
+    num_workers: Optional[int] = key(
+        HOW, None, allowed=Allowed(lambda v: v is None or v >= 0, "null (min(8, CPUs)) or 0 or more")
+    )  # null: min(8, CPUs available)
     split: List[float] = key(WHAT, factory=lambda: [0.7, 0.15, 0.15])  # train/val/test
     split_seed: int = key(WHAT, 0)
     augment: Augment = key(WHAT, Augment.flip_crop)
-    randaug_magnitude: float = key(WHAT, 3.0, allowed=Allowed(lambda v: 0 <= v <= 20, RANDAUG_LEVEL))  # data.augment=randaugment: the papers' 0-20 scale (3: torchvision's default, bin 9 of 0-30)
+    randaug_magnitude: float = key(
+        WHAT, 3.0, allowed=Allowed(lambda v: 0 <= v <= 20, RANDAUG_LEVEL)
+    )  # data.augment=randaugment: the papers' 0-20 scale (3: torchvision's default, bin 9 of 0-30)
     mixup_alpha: float = key(WHAT, 0.0, allowed=NOT_NEGATIVE)
     cutmix_alpha: float = key(WHAT, 0.0, allowed=NOT_NEGATIVE)
-    crop_pct: float = key(WHAT, 0.875, allowed=Allowed(lambda v: 0 < v <= 1, "in (0, 1]"))  # eval: resize to eval_size / crop_pct, then centre-crop eval_size
+    crop_pct: float = key(
+        WHAT, 0.875, allowed=Allowed(lambda v: 0 < v <= 1, "in (0, 1]")
+    )  # eval: resize to eval_size / crop_pct, then centre-crop eval_size
     cache: bool = key(HOW, True)  # the same pixels with or without it (data/cache.py)
-    on_gpu: Any = key(HOW, "auto", allowed=SWITCH)  # training images resident on the GPU, cropped and flipped there (auto | true | false)
+    on_gpu: Any = key(
+        HOW, "auto", allowed=SWITCH
+    )  # training images resident on the GPU, cropped and flipped there (auto | true | false)
     cache_dir: Optional[str] = key(HOW, None)  # null: $RETHINK_CACHE, else ~/.cache/rethink/images
     # data=synthetic only
     num_classes: int = key(WHAT, 4, allowed=Allowed(lambda v: v >= 2, "at least 2"))
@@ -197,8 +211,12 @@ class SchedulerConfig:
 class TrainerConfig:
     epochs: int = key(WHAT, 30, allowed=AT_LEAST_1, resumable=True)  # a resume may continue a run for longer
     device: str = key(HOW, "auto")  # auto | cpu | cuda | cuda:N
-    cpu_threads: Optional[int] = key(HOW, None, allowed=NULL_OR_AT_LEAST_1)  # torch's CPU threads; null: $OMP_NUM_THREADS, else one per CPU this process may use
-    jobs_per_gpu: int = key(HOW, 1, allowed=AT_LEAST_1)  # sweep jobs launched in parallel share a GPU this many at a time (device=auto)
+    cpu_threads: Optional[int] = key(
+        HOW, None, allowed=NULL_OR_AT_LEAST_1
+    )  # torch's CPU threads; null: $OMP_NUM_THREADS, else one per CPU this process may use
+    jobs_per_gpu: int = key(
+        HOW, 1, allowed=AT_LEAST_1
+    )  # sweep jobs launched in parallel share a GPU this many at a time (device=auto)
     sync_bn: bool = key(WHAT, False)  # under torchrun on GPUs: BatchNorm statistics over every process's batch
     amp: Amp = key(HOW, Amp.auto, variant=True)
     channels_last: bool = key(HOW, True, variant=True)
@@ -207,7 +225,9 @@ class TrainerConfig:
     cuda_graphs: Any = key(HOW, "auto", allowed=SWITCH, variant=True)
     cudnn_benchmark: Any = key(HOW, "auto", allowed=SWITCH)
     deterministic: bool = key(HOW, False)
-    grad_clip: Optional[float] = key(WHAT, None, allowed=Allowed(lambda v: v is None or v > 0, "null (off) or positive"))  # max global gradient norm
+    grad_clip: Optional[float] = key(
+        WHAT, None, allowed=Allowed(lambda v: v is None or v > 0, "null (off) or positive")
+    )  # max global gradient norm
     # Memory savers (README, Performance): N loader batches (data.batch_size each) per optimizer step (BatchNorm
     # then sees each micro-batch alone: what); and recompute each stage's activations in the backward pass (how).
     grad_accumulation: int = key(WHAT, 1, allowed=AT_LEAST_1, variant=True)
@@ -244,7 +264,9 @@ class ExportConfig:
 
 @dataclass
 class SummaryConfig:
-    num_classes: int = key(TASK, 1000, allowed=AT_LEAST_1)  # the ImageNet head, as the papers and torchvision count parameters
+    num_classes: int = key(
+        TASK, 1000, allowed=AT_LEAST_1
+    )  # the ImageNet head, as the papers and torchvision count parameters
 
 
 @dataclass
@@ -257,12 +279,18 @@ class BenchmarkConfig:
     warmup: int = key(TASK, 16, allowed=NOT_NEGATIVE)
     threads: int = key(TASK, 1, allowed=AT_LEAST_1)  # per-core figures: one thread, no workers
     training: bool = key(TASK, True)  # time the training step (trainer.* settings, trainer.device and its threads)
-    image_size: Optional[int] = key(TASK, None, allowed=Allowed(lambda v: v is None or v >= 32, "null (model.train_size) or at least 32 (pixels)"))
-    batch_size: Optional[int] = key(TASK, None, allowed=NULL_OR_AT_LEAST_1)  # images per optimizer step; null: batch_per_model[model.name], else data.batch_size
+    image_size: Optional[int] = key(
+        TASK, None, allowed=Allowed(lambda v: v is None or v >= 32, "null (model.train_size) or at least 32 (pixels)")
+    )
+    batch_size: Optional[int] = key(
+        TASK, None, allowed=NULL_OR_AT_LEAST_1
+    )  # images per optimizer step; null: batch_per_model[model.name], else data.batch_size
     batch_per_model: Dict[str, int] = key(TASK, factory=dict)  # for presets that sweep models
     rounds: int = key(TASK, 5, allowed=AT_LEAST_1)  # timed rounds; every run takes its turn in each, the order rotating
     steps: int = key(TASK, 2, allowed=AT_LEAST_1)  # optimizer steps per run per round
-    warmup_steps: int = key(TASK, 1, allowed=NOT_NEGATIVE)  # untimed steps of each run first (torch.compile, cuDNN's search)
+    warmup_steps: int = key(
+        TASK, 1, allowed=NOT_NEGATIVE
+    )  # untimed steps of each run first (torch.compile, cuDNN's search)
     torchvision: bool = key(TASK, True)  # also torchvision's network: as most users run it, and with our settings
     # Our step with other trainer settings, each `key:value`, several joined by `+`, e.g.
     # [grad_checkpointing:true, grad_accumulation:4, channels_last:false, amp:off, compile:true, ema:true]
@@ -283,12 +311,28 @@ class CompareConfig:
     # Default: every how-key and every task setting (their roles in this file; `COMPARE_IGNORED`).
     ignore: List[str] = key(TASK, factory=lambda: list(COMPARE_IGNORED))
     also_ignore: List[str] = key(TASK, factory=list)  # more such keys, e.g. [trainer.grad_accumulation]
-    confidence: float = key(TASK, 0.95, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1)"))  # of every interval, and 1 - the level of the test
-    power: float = key(TASK, 0.8, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1)"))  # for the smallest difference the seeds could detect
-    detect: float = key(TASK, 0.005, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"))  # a difference in test accuracy (0.5 points) whose seeds needed the verdict reports
-    correction: Correction = key(TASK, Correction.holm)  # of the p-values of all of a comparison's verdicts, as one family
-    margin: float = key(TASK, 0.005, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"))  # equivalent: the difference shown to lie within +-margin (two one-sided tests)
-    bootstrap: int = key(TASK, 10000, allowed=Allowed(lambda v: v == 0 or v >= 100, "0 (none) or at least 100"))  # draws of the bootstrap over seeds and test images
+    confidence: float = key(
+        TASK, 0.95, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1)")
+    )  # of every interval, and 1 - the level of the test
+    power: float = key(
+        TASK, 0.8, allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1)")
+    )  # for the smallest difference the seeds could detect
+    detect: float = key(
+        TASK,
+        0.005,
+        allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"),
+    )  # a difference in test accuracy (0.5 points) whose seeds needed the verdict reports
+    correction: Correction = key(
+        TASK, Correction.holm
+    )  # of the p-values of all of a comparison's verdicts, as one family
+    margin: float = key(
+        TASK,
+        0.005,
+        allowed=Allowed(lambda v: 0 < v < 1, "in (0, 1), a difference of accuracy as a fraction (0.005 = 0.5 points)"),
+    )  # equivalent: the difference shown to lie within +-margin (two one-sided tests)
+    bootstrap: int = key(
+        TASK, 10000, allowed=Allowed(lambda v: v == 0 or v >= 100, "0 (none) or at least 100")
+    )  # draws of the bootstrap over seeds and test images
 
 
 @dataclass
@@ -302,16 +346,24 @@ class ProgressiveConfig:
     name: Progressive = key(WHAT, Progressive.none)
     stages: int = key(WHAT, 4, allowed=AT_LEAST_1)
     min_size: int = key(WHAT, 128, allowed=PIXELS)
-    dropout: List[Optional[float]] = key(WHAT, factory=lambda: [0.1, None], allowed=_pair(lambda v: 0 <= v < 1, "in [0, 1)"))
-    randaug_magnitude: List[Optional[float]] = key(WHAT, factory=lambda: [5.0, 10.0], allowed=_pair(lambda v: 0 <= v <= 20, RANDAUG_LEVEL))  # the papers' scale (0-20)
-    mixup_alpha: List[Optional[float]] = key(WHAT, factory=lambda: [0.0, None], allowed=_pair(lambda v: v >= 0, "0 or more"))
+    dropout: List[Optional[float]] = key(
+        WHAT, factory=lambda: [0.1, None], allowed=_pair(lambda v: 0 <= v < 1, "in [0, 1)")
+    )
+    randaug_magnitude: List[Optional[float]] = key(
+        WHAT, factory=lambda: [5.0, 10.0], allowed=_pair(lambda v: 0 <= v <= 20, RANDAUG_LEVEL)
+    )  # the papers' scale (0-20)
+    mixup_alpha: List[Optional[float]] = key(
+        WHAT, factory=lambda: [0.0, None], allowed=_pair(lambda v: v >= 0, "0 or more")
+    )
 
 
 @dataclass
 class RethinkConfig:
     task: Task = key(TASK, Task.train)
     seed: int = key(SEED, 0, allowed=NOT_NEGATIVE)
-    resume: Optional[str] = key(TASK, None, named=False)  # a run directory to continue; auto: the run in this run's own folder, if any
+    resume: Optional[str] = key(
+        TASK, None, named=False
+    )  # a run directory to continue; auto: the run in this run's own folder, if any
     ckpt: Optional[str] = key(TASK, None)  # a checkpoint for eval / predict / export
     inputs: Optional[str] = key(TASK, None)  # an image, a folder or a glob for predict
     model: ModelConfig = MISSING
@@ -332,7 +384,9 @@ class RethinkConfig:
 KEYS = KeyTable(RethinkConfig)
 RANGES = KEYS.ranges()
 RESUMABLE = KEYS.collapsed(KEYS.where(lambda k: k.may_change_on_resume))  # what `resume=` may change
-COMPARE_IGNORED = KEYS.collapsed(KEYS.where(lambda k: k.pooled_by_compare))  # what runs of one compare group may differ in
+COMPARE_IGNORED = KEYS.collapsed(
+    KEYS.where(lambda k: k.pooled_by_compare)
+)  # what runs of one compare group may differ in
 BENCHMARK_VARIANTS = tuple(leaf.removeprefix("trainer.") for leaf in KEYS.where(lambda k: k.variant))
 
 
@@ -360,7 +414,11 @@ def flatten(node: Any, prefix: str = "") -> dict:
 def what_the_run_is(cfg: DictConfig) -> dict:
     """The config's what-keys and its seed, flat (`model.stages.3.block` -> "fused"): what tells one run from
     another, under the names the command line and task=compare use."""
-    return {name: v for name, v in flatten(plain(cfg)).items() if (k := KEYS.role_of(name)) is not None and k.role in (WHAT, SEED)}
+    return {
+        name: v
+        for name, v in flatten(plain(cfg)).items()
+        if (k := KEYS.role_of(name)) is not None and k.role in (WHAT, SEED)
+    }
 
 
 def validate(cfg: DictConfig) -> None:
@@ -396,7 +454,9 @@ def changed_keys(cfg: DictConfig, reference: DictConfig) -> list[str]:
     return keys
 
 
-def apply_overrides(base: DictConfig, current: DictConfig, keys: Sequence[str], skip: Sequence[str] = ()) -> tuple[DictConfig, list[str]]:
+def apply_overrides(
+    base: DictConfig, current: DictConfig, keys: Sequence[str], skip: Sequence[str] = ()
+) -> tuple[DictConfig, list[str]]:
     """`base` (a saved run's config) with each of `keys` (what the command line set) taken from
     `current` (the config composed from that command line); a group key (`data`) takes the whole
     group. Returns the new config and the keys it took."""

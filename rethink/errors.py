@@ -37,5 +37,7 @@ def why_unreadable(path: Path, exc: BaseException) -> str:
         return "not a PyTorch file"
     foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
     if foreign:
-        return f"it holds a {foreign[1]} object; only tensors and plain data are loaded, as anything else could run code"
+        return (
+            f"it holds a {foreign[1]} object; only tensors and plain data are loaded, as anything else could run code"
+        )
     return "a truncated or corrupt PyTorch file"

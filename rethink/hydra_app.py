@@ -62,7 +62,9 @@ def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> D
     notebooks, tests and tasks. Safe to call inside a running Hydra app: the app's global state is put back
     after (reliance 3). A mistake in `overrides` is a UserError with the one line `python run.py` would print."""
     if not (CONF_DIR / "config.yaml").is_file():
-        raise FileNotFoundError(f"{CONF_DIR} holds no config.yaml; install rethink from its repository (pip install -e .)")
+        raise FileNotFoundError(
+            f"{CONF_DIR} holds no config.yaml; install rethink from its repository (pip install -e .)"
+        )
     register_configs()
     global_hydra = GlobalHydra.instance()
     running = global_hydra.hydra
@@ -290,7 +292,9 @@ def _stage_count(overrides: Sequence[str]) -> Optional[int]:
     """How many stages the layout that `overrides` select has; None when they do not compose (a sweep,
     another mistake). Per-stage edits are left out: they cannot change the count, and leaving them out
     keeps a mistake in one from bringing us back here."""
-    layout_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("-", "hydra.", "hydra/", "model.stages."))]
+    layout_overrides = [
+        o for o in overrides if not o.lstrip("+~").startswith(("-", "hydra.", "hydra/", "model.stages."))
+    ]
     try:
         return len(compose_config(layout_overrides).model.stages)
     except Exception:

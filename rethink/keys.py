@@ -62,8 +62,16 @@ class Key:
         return self.role is not HOW and self.named
 
 
-def key(role: Role, default: Any = dataclasses.MISSING, *, factory: Optional[Callable[[], Any]] = None,
-        allowed: Optional[Allowed] = None, resumable: bool = False, named: bool = True, variant: bool = False) -> Any:
+def key(
+    role: Role,
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Optional[Callable[[], Any]] = None,
+    allowed: Optional[Allowed] = None,
+    resumable: bool = False,
+    named: bool = True,
+    variant: bool = False,
+) -> Any:
     """A schema field with its role: `epochs: int = key(WHAT, 30, resumable=True, allowed=AT_LEAST_1)`."""
     metadata = {"key": Key(role, allowed, resumable, named, variant)}
     if factory is not None:

@@ -85,8 +85,12 @@ class RunFolders:
         if folder not in self.records and _is_empty(folder):
             self.fresh.add(folder)
         if task == "train" and folder not in self.fresh and run_is_locked(folder):
-            return self._refuse(folder, now, f"{output_dir}: another process is training in this folder now (it holds its "
-                                             ".lock); wait for it to end, or stop it, then continue with resume=auto")
+            return self._refuse(
+                folder,
+                now,
+                f"{output_dir}: another process is training in this folder now (it holds its "
+                ".lock); wait for it to end, or stop it, then continue with resume=auto",
+            )
         if resume == "auto":  # continues the run in this folder, if there is one
             resume = str(folder) if (folder / "checkpoints" / "last.pt").is_file() else None
             if resume is None and task == "train" and folder not in self.fresh and holds_run(folder):
@@ -98,8 +102,12 @@ class RunFolders:
         if folder in self.fresh:
             return ".hydra"
         if task == "train" and holds_run(folder):
-            return self._refuse(folder, now, f"{output_dir} already holds a run; continue it with {resume_argument(output_dir)}, "
-                                             "or choose another hydra.run.dir")
+            return self._refuse(
+                folder,
+                now,
+                f"{output_dir} already holds a run; continue it with {resume_argument(output_dir)}, "
+                "or choose another hydra.run.dir",
+            )
         if (folder / ".hydra" / "config.yaml").exists():  # another task in a run's folder
             self._note_log_size(folder)
             return self._record(folder, f".hydra/{task}-{now}")
@@ -171,7 +179,9 @@ def resumable_run(resume: str) -> Path:
     """The folder `resume=` names, which must hold a checkpoint to continue from."""
     folder = Path(str(resume)).expanduser()
     if not (folder / "checkpoints" / "last.pt").is_file():
-        raise UserError(f"resume={resume}: no checkpoints/last.pt there; pass the directory of a run that saved a checkpoint")
+        raise UserError(
+            f"resume={resume}: no checkpoints/last.pt there; pass the directory of a run that saved a checkpoint"
+        )
     return folder
 
 
@@ -184,13 +194,17 @@ def holds_run(folder: Path, own_record: bool = False) -> bool:
     """Whether `folder` holds a training run: its checkpoint, or (unless `own_record`: the folder's .hydra/ record is
     this run's own, once Hydra wrote it) a record of one."""
     folder = Path(folder)
-    return (folder / "checkpoints" / "last.pt").exists() or (not own_record and (folder / ".hydra" / "config.yaml").exists())
+    return (folder / "checkpoints" / "last.pt").exists() or (
+        not own_record and (folder / ".hydra" / "config.yaml").exists()
+    )
 
 
 def refuse_existing_run(folder: Path, own_record: bool = False) -> None:
     """A new training run never goes into a folder that holds one: that run's record is never overwritten."""
     if holds_run(folder, own_record):
-        raise UserError(f"{folder} already holds a run; continue it with {resume_argument(folder)}, or choose another hydra.run.dir")
+        raise UserError(
+            f"{folder} already holds a run; continue it with {resume_argument(folder)}, or choose another hydra.run.dir"
+        )
 
 
 def resume_argument(folder: Any, key: str = "resume") -> str:
@@ -224,8 +238,10 @@ def hold_run_lock(folder: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise UserError(f"{folder}: another process is training in this folder now (it holds its .lock); wait for it "
-                        "to end, or stop it, then continue it") from None
+        raise UserError(
+            f"{folder}: another process is training in this folder now (it holds its .lock); wait for it "
+            "to end, or stop it, then continue it"
+        ) from None
     _HELD_LOCKS.add(f)
     return f
 
@@ -252,7 +268,10 @@ def _claimed_by_rank_0(base: Path, run_id: str, timeout_s: float = 300) -> str:
     """The folder rank 0 of this torchrun claimed: found by its marker, whatever second (or day) rank 0's clock
     gave the folder's name (`outputs/<task>/<date>/<time>`), not by the name this process would give it."""
     deadline = time.monotonic() + timeout_s
-    places = ((base.parent, f"{glob.escape(base.name)}*/.torchrun-{run_id}"), (base.parent.parent, f"*/*/.torchrun-{run_id}"))
+    places = (
+        (base.parent, f"{glob.escape(base.name)}*/.torchrun-{run_id}"),
+        (base.parent.parent, f"*/*/.torchrun-{run_id}"),
+    )
     while time.monotonic() < deadline:
         for folder, pattern in places:
             for marker in folder.glob(pattern):

@@ -453,6 +453,8 @@ def _image_shifts(
 def _drawn_variance(rng: np.random.Generator, variance: float, n: int, draws: int) -> np.ndarray:
     """Variances that a sample variance `variance` of `n` values allows: variance * (n - 1) / chi-square(n - 1)."""
     return variance * (n - 1) / rng.chisquare(n - 1, size=draws)
+
+
 def above_chance(accuracy: float, images: Optional[int], classes: int, confidence: float = 0.95) -> bool:
     """Whether `accuracy` on `images` test images is better than guessing among `classes` (1/classes): a one-sided
     binomial test at level 1 - confidence; without the count of images, whether it is above 1/classes at all."""

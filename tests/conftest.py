@@ -21,9 +21,18 @@ def private_caches(tmp_path, monkeypatch):
 # Helpers every test module may ask for (fixtures, not imports between test modules) -------------------------
 
 TINY = [  # b0 at 32 px on 160 synthetic images: a run of two short epochs in seconds on one CPU core
-    "data=synthetic", "data.images_per_class=40", "data.image_size=40", "data.num_workers=0", "data.batch_size=8",
-    "model.train_size=32", "model.eval_size=32", "trainer.device=cpu", "trainer.epochs=2",
-    "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "seed=3",
+    "data=synthetic",
+    "data.images_per_class=40",
+    "data.image_size=40",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "model.train_size=32",
+    "model.eval_size=32",
+    "trainer.device=cpu",
+    "trainer.epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "seed=3",
 ]
 
 
@@ -110,7 +119,9 @@ def wait_until_written(path: Path, process, writes: int, timeout: float = 240) -
                 if seen >= writes:
                     return
         time.sleep(0.05)
-    raise AssertionError(f"{path} was not written {writes} times: {process.stdout.read() if process.poll() is not None else ''}")
+    raise AssertionError(
+        f"{path} was not written {writes} times: {process.stdout.read() if process.poll() is not None else ''}"
+    )
 
 
 @pytest.fixture

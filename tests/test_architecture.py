@@ -38,7 +38,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> tuple[set[str], set[st
         else:
             continue
         for target in targets:
-            (ours if target.split(".")[0] == "rethink" else others).add(target if target.split(".")[0] == "rethink" else target.split(".")[0])
+            (ours if target.split(".")[0] == "rethink" else others).add(
+                target if target.split(".")[0] == "rethink" else target.split(".")[0]
+            )
     return {t for t in ours if t in known and t != name}, others
 
 
@@ -115,12 +117,19 @@ def test_importing_the_models_loads_no_hydra():
 def test_the_layers_point_down():
     """models and data know nothing of training or tasks; the loop does not call up into the tasks."""
     edges, _ = graph()
-    forbidden = {"rethink.models": ("rethink.train", "rethink.tasks", "rethink.data"),
-                 "rethink.data": ("rethink.models", "rethink.train", "rethink.tasks"),
-                 "rethink.train": ("rethink.tasks",),
-                 "rethink.config": ("rethink.tasks", "rethink.train", "rethink.data", "rethink.models")}
-    wrong = [(a, b) for a, targets in edges.items() for b in targets
-             for layer, below in forbidden.items() if (a == layer or a.startswith(layer + ".")) and b.startswith(below)]
+    forbidden = {
+        "rethink.models": ("rethink.train", "rethink.tasks", "rethink.data"),
+        "rethink.data": ("rethink.models", "rethink.train", "rethink.tasks"),
+        "rethink.train": ("rethink.tasks",),
+        "rethink.config": ("rethink.tasks", "rethink.train", "rethink.data", "rethink.models"),
+    }
+    wrong = [
+        (a, b)
+        for a, targets in edges.items()
+        for b in targets
+        for layer, below in forbidden.items()
+        if (a == layer or a.startswith(layer + ".")) and b.startswith(below)
+    ]
     assert wrong == []
 
 

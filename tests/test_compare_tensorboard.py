@@ -81,7 +81,17 @@ def study_runs() -> list[Run]:
                 }
                 metrics = {"test_acc": 0.6 + lift, "best_val_acc": 0.6 + lift, "test_images": 550}
                 runs.append(
-                    Run(Path(f"/runs/{model}_{block}_{seed}"), {}, flat, "done", metrics, curves, "", hparams=hparams, classes=5)
+                    Run(
+                        Path(f"/runs/{model}_{block}_{seed}"),
+                        {},
+                        flat,
+                        "done",
+                        metrics,
+                        curves,
+                        "",
+                        hparams=hparams,
+                        classes=5,
+                    )
                 )
     return runs
 

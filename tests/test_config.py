@@ -17,7 +17,9 @@ def options(group: str) -> list[str]:
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("group", ["model", "data", "optimizer", "scheduler", "trainer"])
@@ -39,8 +41,12 @@ def test_every_stage_layout_composes_and_builds():
             model = build_model(cfg.model, 10)
         assert len(model.stages) == len(cfg.model.stages), layout
         built = [type(block).__name__ for stage in model.stages for block in stage]
-        wanted = [{"mbconv": "MBConv", "fused": "FusedMBConv"}[s.block] for s in model.spec.stages for _ in range(s.repeats)]
-        assert built == wanted and {s.block.value for s in cfg.model.stages} == {s.block for s in model.spec.stages}, layout
+        wanted = [
+            {"mbconv": "MBConv", "fused": "FusedMBConv"}[s.block] for s in model.spec.stages for _ in range(s.repeats)
+        ]
+        assert built == wanted and {s.block.value for s in cfg.model.stages} == {s.block for s in model.spec.stages}, (
+            layout
+        )
 
 
 def test_every_experiment_composes():

@@ -34,7 +34,9 @@ from rethink.data.splits import (
 )
 from rethink.errors import UserError
 
-MODEL = OmegaConf.create({"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+MODEL = OmegaConf.create(
+    {"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+)
 COLOURS = {"apple": (200, 30, 30), "banana": (220, 210, 40), "cherry": (120, 0, 60)}
 
 
@@ -57,7 +59,11 @@ def write_jpeg(path: Path, colour=(128, 128, 128), size=(48, 40), seed=0) -> Pat
 def make_tree(root: Path, counts: dict[str, int], prefix: str = "") -> Path:
     for name, count in counts.items():
         for i in range(count):
-            write_jpeg(root / prefix / name / f"{name}_{i:03d}.jpg", COLOURS.get(name, (90, 90, 90)), seed=hash((prefix, name, i)) % 1000)
+            write_jpeg(
+                root / prefix / name / f"{name}_{i:03d}.jpg",
+                COLOURS.get(name, (90, 90, 90)),
+                seed=hash((prefix, name, i)) % 1000,
+            )
     return root
 
 
@@ -77,7 +83,9 @@ def test_split_is_deterministic_stratified_and_independent_of_order():
     assert list(np.bincount(parts[np.array(labels) == 2])) == [140, 30, 30]
 
 
-@pytest.mark.parametrize("count, want", [(1, [1, 0, 0]), (2, [2, 0, 0]), (3, [1, 1, 1]), (4, [2, 1, 1]), (20, [14, 3, 3])])
+@pytest.mark.parametrize(
+    "count, want", [(1, [1, 0, 0]), (2, [2, 0, 0]), (3, [1, 1, 1]), (4, [2, 1, 1]), (20, [14, 3, 3])]
+)
 def test_part_sizes_keep_one_training_image(count, want):
     assert part_sizes(count, (0.7, 0.15, 0.15)) == want
 
@@ -121,7 +129,9 @@ def test_folder_run_files_and_same_split_every_time(tmp_path):
     assert list(rows[0]) == ["split", "label", "class", "path"]
     assert {r["path"].split("/")[0] for r in rows} == {"apple", "banana", "cherry"}
     assert all(r["class"] == bundle.classes[int(r["label"])] for r in rows)
-    assert {(r["split"], r["class"]) for r in rows} == {(s, c) for s in ("train", "val", "test") for c in bundle.classes}
+    assert {(r["split"], r["class"]) for r in rows} == {
+        (s, c) for s in ("train", "val", "test") for c in bundle.classes
+    }
     assert not (run / "skipped_files.txt").exists()
 
     again = build_data(folder_cfg(root, split=[0.7, 0.15, 0.15], split_seed=0), MODEL)
@@ -147,10 +157,14 @@ def test_items_are_uint8_at_the_model_sizes(tmp_path):
     assert image.shape == (3, 28, 28)
 
 
-@pytest.mark.parametrize("folders", [("train", "validation", "test"), ("Train", "Val", "TEST")], ids=["aliases", "any-case"])
+@pytest.mark.parametrize(
+    "folders", [("train", "validation", "test"), ("Train", "Val", "TEST")], ids=["aliases", "any-case"]
+)
 def test_already_split_folder_is_used_as_it_is(tmp_path, folders):
     root = tmp_path / "d"
-    for prefix, counts in zip(folders, ({"apple": 6, "banana": 5}, {"apple": 2, "banana": 2}, {"apple": 3, "banana": 1})):
+    for prefix, counts in zip(
+        folders, ({"apple": 6, "banana": 5}, {"apple": 2, "banana": 2}, {"apple": 3, "banana": 1})
+    ):
         make_tree(root, counts, prefix=prefix)
     bundle = build_data(folder_cfg(root), MODEL)
     assert bundle.classes == ["apple", "banana"]
@@ -216,7 +230,9 @@ def png16(path: Path, values: np.ndarray) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -232,7 +248,9 @@ def odd_images(folder: Path) -> dict[str, tuple[Path, tuple[int, int, int]]]:
     save("cmyk.jpg", Image.new("CMYK", (20, 16), (0, 255, 255, 0)), (255, 0, 0), quality=95)
     save("grey.png", Image.new("L", (20, 16), 100), (100, 100, 100))
     save("grey_alpha.png", Image.new("LA", (20, 16), (0, 0)), (255, 255, 255))  # fully transparent -> white
-    save("grey16.png", Image.fromarray(np.full((16, 20), 32896, np.uint16)), (128, 128, 128))  # scaled, not clipped to 255
+    save(
+        "grey16.png", Image.fromarray(np.full((16, 20), 32896, np.uint16)), (128, 128, 128)
+    )  # scaled, not clipped to 255
     save("grey32.tif", Image.fromarray(np.full((16, 20), 65535, np.int32)), (255, 255, 255))
     palette = Image.new("P", (20, 16), 0)
     palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
@@ -310,8 +328,12 @@ def test_images_are_decoded_once_and_scans_remembered(tmp_path, monkeypatch):
     write_jpeg(root / "banana" / "copy.jpg", size=(300, 200))  # the same bytes: one cache entry
     write_jpeg(root / "apple" / "small.jpg", size=(30, 20))
     decodes, checks = [], []
-    monkeypatch.setattr(rethink.data.datasets, "load_image", lambda path, side=None: decodes.append(path) or load_image(path, side))
-    monkeypatch.setattr(rethink.data.scan, "decode_error", lambda data: checks.append(1) or rethink.data.images.decode_error(data))
+    monkeypatch.setattr(
+        rethink.data.datasets, "load_image", lambda path, side=None: decodes.append(path) or load_image(path, side)
+    )
+    monkeypatch.setattr(
+        rethink.data.scan, "decode_error", lambda data: checks.append(1) or rethink.data.images.decode_error(data)
+    )
     cfg = folder_cfg(root, cache_dir=str(tmp_path / "c"))
 
     bundle = build_data(cfg, MODEL)

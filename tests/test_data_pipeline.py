@@ -24,7 +24,9 @@ from rethink.data.transforms import RandAugment
 from rethink.errors import UserError
 from rethink.hydra_app import compose_config
 
-MODEL = OmegaConf.create({"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+MODEL = OmegaConf.create(
+    {"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+)
 
 
 def data_cfg(**values):
@@ -32,7 +34,9 @@ def data_cfg(**values):
 
 
 def synthetic_cfg(**values):
-    return data_cfg(name="synthetic", num_classes=3, images_per_class=16, image_size=40, batch_size=8, cache=False, **values)
+    return data_cfg(
+        name="synthetic", num_classes=3, images_per_class=16, image_size=40, batch_size=8, cache=False, **values
+    )
 
 
 # ---------------------------------------------------------------- transforms
@@ -77,7 +81,9 @@ def test_randaugment_beyond_level_10_widens_every_range_in_proportion_with_clamp
     ours, image = RandAugment(20), torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     for op, (_, signed) in ours._AUGMENTATION_SPACE.items():
         for sign in (1, -1) if signed else (1,):
-            out = ours._apply_image_or_video_transform(image, op, sign * at20.get(op, 0.0), "nearest", {torch.Tensor: None})
+            out = ours._apply_image_or_video_transform(
+                image, op, sign * at20.get(op, 0.0), "nearest", {torch.Tensor: None}
+            )
             assert out.dtype == torch.uint8 and out.shape == image.shape
     darkest = ours._apply_image_or_video_transform(image, "Brightness", -1.8, "nearest", {torch.Tensor: None})
     assert torch.equal(darkest, v2.functional.adjust_brightness(image, 0.1))
@@ -95,7 +101,12 @@ def test_eval_transform_resizes_by_crop_pct_then_centre_crops():
 
 
 def test_normalize_on_uint8_batches():
-    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    images = (
+        torch.tensor([0, 255], dtype=torch.uint8)
+        .view(2, 1, 1, 1)
+        .expand(2, 3, 2, 2)
+        .contiguous(memory_format=torch.channels_last)
+    )
     out = normalize(images, [0.5, 0.5, 0.5], [0.5, 0.25, 0.5])
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([-1.0, -2.0, -1.0]))
@@ -248,7 +259,11 @@ def test_synthetic_is_learnable_on_a_cpu():
     bundle = build_data(cfg.data, cfg.model)
     assert len(bundle.classes) == 4
     net = nn.Sequential(
-        *[layer for c_in, c_out in ((3, 16), (16, 32), (32, 64)) for layer in (nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))],
+        *[
+            layer
+            for c_in, c_out in ((3, 16), (16, 32), (32, 64))
+            for layer in (nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
+        ],
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(64, 4),
@@ -268,7 +283,10 @@ def test_synthetic_is_learnable_on_a_cpu():
             schedule.step()
     net.eval()
     with torch.no_grad():
-        right = sum((net(normalize(x, cfg.model.mean, cfg.model.std)).argmax(1) == y).sum().item() for x, y in make_loader(bundle.test, cfg.data, train=False, seed=0))
+        right = sum(
+            (net(normalize(x, cfg.model.mean, cfg.model.std)).argmax(1) == y).sum().item()
+            for x, y in make_loader(bundle.test, cfg.data, train=False, seed=0)
+        )
     accuracy = right / len(bundle.test)
     assert accuracy >= 0.6, f"test accuracy {accuracy:.2f} after {time.perf_counter() - start:.0f} s"
 
@@ -296,7 +314,9 @@ def fake_cifar(root: Path, name: str, per_class: int = 10) -> int:
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_wiring_on_a_fake_root(tmp_path, monkeypatch, name):
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)  # no md5 of the real files
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True
+    )  # no md5 of the real files
     classes = fake_cifar(tmp_path, name)
     train_files = 5 if name == "cifar10" else 1
     bundle = build_data(data_cfg(name=name, root=str(tmp_path), split=[0.8, 0.1, 0.1]), MODEL)
@@ -317,7 +337,9 @@ def test_flowers102_wiring_on_a_fake_root(tmp_path, monkeypatch):
     for image_id in range(1, 111):
         Image.new("RGB", (20, 16), (image_id, 0, 0)).save(base / "jpg" / f"image_{image_id:05d}.jpg")
     scipy_io.savemat(base / "imagelabels.mat", {"labels": np.array(labels)})
-    scipy_io.savemat(base / "setid.mat", {"trnid": np.arange(1, 103), "valid": np.arange(103, 107), "tstid": np.arange(107, 111)})
+    scipy_io.savemat(
+        base / "setid.mat", {"trnid": np.arange(1, 103), "valid": np.arange(103, 107), "tstid": np.arange(107, 111)}
+    )
     bundle = build_data(data_cfg(name="flowers102", root=str(tmp_path)), MODEL)
     assert len(bundle.classes) == 102 and bundle.classes[0] == "pink primrose"
     assert [len(bundle.train), len(bundle.val), len(bundle.test)] == [102, 4, 4]
@@ -342,8 +364,17 @@ def test_torchvision_sets_offline_are_one_clear_line(tmp_path, monkeypatch, name
 def test_benchmark_writes_its_figures(tmp_path):
     from rethink.tasks.benchmark import benchmark
 
-    cfg = compose_config(["task=benchmark", "data=synthetic", "model.train_size=32", "model.eval_size=32", "benchmark.images=6", "benchmark.warmup=2",
-                          "benchmark.training=false"])  # the training step: tests/test_benchmark.py
+    cfg = compose_config(
+        [
+            "task=benchmark",
+            "data=synthetic",
+            "model.train_size=32",
+            "model.eval_size=32",
+            "benchmark.images=6",
+            "benchmark.warmup=2",
+            "benchmark.training=false",
+        ]
+    )  # the training step: tests/test_benchmark.py
     result = benchmark(cfg, tmp_path / "run")
     written = json.loads((tmp_path / "run" / "benchmark.json").read_text())
     assert written == result
@@ -357,7 +388,9 @@ def test_normalize_mixer_and_pinned_batches_on_the_gpu():
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     on_gpu = normalize(images.cuda(), MODEL.mean, MODEL.std)
     assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), normalize(images, MODEL.mean, MODEL.std))
-    mixed, labels = batch_mixer(data_cfg(mixup_alpha=0.2, cutmix_alpha=1.0), 5)(on_gpu, torch.tensor([0, 1, 2, 3]).cuda())
+    mixed, labels = batch_mixer(data_cfg(mixup_alpha=0.2, cutmix_alpha=1.0), 5)(
+        on_gpu, torch.tensor([0, 1, 2, 3]).cuda()
+    )
     assert mixed.is_cuda and labels.is_cuda and labels.shape == (4, 5)
     bundle = build_data(synthetic_cfg(), MODEL)
     batch, _ = next(iter(make_loader(bundle.train, synthetic_cfg(num_workers=0), train=True, seed=0, pin_memory=True)))

@@ -19,7 +19,9 @@ B0_WEIGHTS = "EfficientNet_B0_Weights.IMAGENET1K_V1"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -39,14 +41,23 @@ def test_create_model_raises_the_command_lines_one_line(tmp_path):
 def test_create_model_names_the_stages_a_layout_has():
     with pytest.raises(UserError) as raised:
         create_model("v2_l", overrides=["model.stages.9.block=fused"])
-    assert str(raised.value) == "model.stages.9.block=fused: there is no stage 9 in model=v2_l; its stages are numbered 0-6 (0-based, after the stem)"
-    with pytest.raises(UserError, match=r"^model.stages.7.block=fused: there is no stage 7 in model=v2_l stages=v2_l_shallow_fused; .* 0-6 "):
+    assert (
+        str(raised.value)
+        == "model.stages.9.block=fused: there is no stage 9 in model=v2_l; its stages are numbered 0-6 (0-based, after the stem)"
+    )
+    with pytest.raises(
+        UserError,
+        match=r"^model.stages.7.block=fused: there is no stage 7 in model=v2_l stages=v2_l_shallow_fused; .* 0-6 ",
+    ):
         create_model("v2_l", overrides=["stages=v2_l_shallow_fused", "model.stages.7.block=fused"])
 
 
 def test_a_negative_stage_index_says_indices_are_0_based(tmp_path):
     expected = "model.stages.-1.block=fused: stage indices are 0-based (0-5 for this layout); -1 is not allowed"
-    assert error_line(run("task=summary", f"hydra.run.dir={tmp_path}", "model=v2_s", "model.stages.-1.block=fused")) == expected
+    assert (
+        error_line(run("task=summary", f"hydra.run.dir={tmp_path}", "model=v2_s", "model.stages.-1.block=fused"))
+        == expected
+    )
     with pytest.raises(UserError) as raised:
         create_model("v2_s", overrides=["model.stages.-1.block=fused"])
     assert str(raised.value) == expected
@@ -56,8 +67,17 @@ def test_a_negative_stage_index_says_indices_are_0_based(tmp_path):
 def test_a_missing_stage_names_the_model_that_lacks_it(tmp_path, sweep):
     """In a sweep the command line holds every job's model: the line must name the failing job's."""
     models = ["-m", "model=v2_s,b0"] if sweep else ["model=v2_s"]
-    result = run(*models, "task=summary", f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}", "model.stages.6.block=fused")
-    assert error_line(result) == "model.stages.6.block=fused: there is no stage 6 in model=v2_s; its stages are numbered 0-5 (0-based, after the stem)"
+    result = run(
+        *models,
+        "task=summary",
+        f"hydra.run.dir={tmp_path}",
+        f"hydra.sweep.dir={tmp_path}",
+        "model.stages.6.block=fused",
+    )
+    assert (
+        error_line(result)
+        == "model.stages.6.block=fused: there is no stage 6 in model=v2_s; its stages are numbered 0-5 (0-based, after the stem)"
+    )
 
 
 def _png(path: Path) -> Path:
@@ -95,12 +115,17 @@ def test_a_file_that_is_no_checkpoint_is_one_clear_line(tmp_path, make, reason):
 def test_ckpt_a_png_from_the_command_line(tmp_path):
     png = _png(tmp_path / "flower.png")
     message = error_line(run("task=eval", f"ckpt={png}", f"hydra.run.dir={tmp_path / 'run'}"))
-    assert message.startswith(f"ckpt={png}: not a readable checkpoint (not a PyTorch file)") and "weights_only" not in message
+    assert (
+        message.startswith(f"ckpt={png}: not a readable checkpoint (not a PyTorch file)")
+        and "weights_only" not in message
+    )
 
 
 def test_pretrained_a_png_is_one_clear_line(tmp_path):
     png = _png(tmp_path / "flower.png")
-    with pytest.raises(UserError, match=r"^model.pretrained=.*flower.png: not a readable state_dict \(not a PyTorch file\)$"):
+    with pytest.raises(
+        UserError, match=r"^model.pretrained=.*flower.png: not a readable state_dict \(not a PyTorch file\)$"
+    ):
         load_pretrained(torch.nn.Linear(1, 1), str(png), None)
 
 
@@ -120,12 +145,16 @@ def test_pretrained_offline_prints_nothing_before_its_error(empty_hub, monkeypat
     with pytest.raises(UserError) as raised:
         fetch_torchvision_weights(B0_WEIGHTS)
     assert capsys.readouterr() == ("", "")
-    assert str(raised.value).startswith(f"model.pretrained=true: could not fetch {B0_WEIGHTS} (no network); offline, copy ")
+    assert str(raised.value).startswith(
+        f"model.pretrained=true: could not fetch {B0_WEIGHTS} (no network); offline, copy "
+    )
     assert "\n" not in str(raised.value)
 
 
 def test_pretrained_download_is_one_line_saying_what_and_where(empty_hub, monkeypatch, capsys, caplog):
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, *args, **kwargs: torch.save({"w": torch.ones(2)}, dst))
+    monkeypatch.setattr(
+        torch.hub, "download_url_to_file", lambda url, dst, *args, **kwargs: torch.save({"w": torch.ones(2)}, dst)
+    )
     with caplog.at_level(logging.INFO, logger="rethink"):
         state_dict, _, _ = fetch_torchvision_weights(B0_WEIGHTS)
     assert torch.equal(state_dict["w"], torch.ones(2))
@@ -140,5 +169,7 @@ def test_a_glob_with_brackets_is_told_how_to_quote_it_for_hydra(tmp_path):
     with pytest.raises(UserError) as raised:
         compose_config(["task=predict", "inputs=/x/*_00[0-1].jpg"])
     assert "quote it for Hydra inside the shell's quotes: \"inputs='/x/*_00[0-1].jpg'\"" in str(raised.value)
-    quoted = compose_config(["task=predict", "inputs='/x/*_00[0-1].jpg'"])  # what the shell passes on for "inputs='...'"
+    quoted = compose_config(
+        ["task=predict", "inputs='/x/*_00[0-1].jpg'"]
+    )  # what the shell passes on for "inputs='...'"
     assert quoted.inputs == "/x/*_00[0-1].jpg"

@@ -45,15 +45,23 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def poisoned_run_py(nan_after: int, *args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-c", POISONED_RUN, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "NAN_AFTER_STEPS": str(nan_after)})
+    return subprocess.run(
+        [sys.executable, "-c", POISONED_RUN, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NAN_AFTER_STEPS": str(nan_after)},
+    )
 
 
 def png_folder(root: Path, classes: int = 2, per_class: int = 16) -> Path:
     for c in range(classes):
         (root / f"class_{c}").mkdir(parents=True)
         for i in range(per_class):
-            pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(c * 100 + i))
+            pixels = torch.randint(
+                0, 256, (40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(c * 100 + i)
+            )
             Image.fromarray(pixels.numpy()).save(root / f"class_{c}" / f"{i:03d}.png")
     return root
 
@@ -62,16 +70,38 @@ def png_folder(root: Path, classes: int = 2, per_class: int = 16) -> Path:
 
 
 @pytest.mark.slow
-def test_images_that_vanish_mid_run_with_loader_workers_end_the_run_in_one_line_keeping_its_folder(tmp_path, tiny_overrides):
+def test_images_that_vanish_mid_run_with_loader_workers_end_the_run_in_one_line_keeping_its_folder(
+    tmp_path, tiny_overrides
+):
     data = png_folder(tmp_path / "photos", per_class=24)
     run = tmp_path / "run"
-    args = ["data=folder", f"data.root={data}", "data.cache=false", "data.num_workers=1", "data.batch_size=4", "model.train_size=32",
-            "model.eval_size=32", "trainer.device=cpu", "trainer.epochs=3", *QUICK, f"hydra.run.dir={run}"]
-    process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    args = [
+        "data=folder",
+        f"data.root={data}",
+        "data.cache=false",
+        "data.num_workers=1",
+        "data.batch_size=4",
+        "model.train_size=32",
+        "model.eval_size=32",
+        "trainer.device=cpu",
+        "trainer.epochs=3",
+        *QUICK,
+        f"hydra.run.dir={run}",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
-        while "epoch 1/3" not in ((run / "run.log").read_text() if (run / "run.log").exists() else "") and time.time() < deadline:
+        while (
+            "epoch 1/3" not in ((run / "run.log").read_text() if (run / "run.log").exists() else "")
+            and time.time() < deadline
+        ):
             assert process.poll() is None, process.communicate()[1][-2000:]
             time.sleep(0.1)
         for image in (data / "class_0").iterdir():  # a stale NFS mount, a deleted folder
@@ -82,13 +112,24 @@ def test_images_that_vanish_mid_run_with_loader_workers_end_the_run_in_one_line_
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 1
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "not a readable image" in last and "DataLoader worker" in last and "Traceback" not in err
-    assert (run / "run.log").is_file() and (run / "checkpoints" / "last.pt").is_file() and "not a readable image" in (run / "run.log").read_text()
+    assert (
+        last.startswith("error: ")
+        and "not a readable image" in last
+        and "DataLoader worker" in last
+        and "Traceback" not in err
+    )
+    assert (
+        (run / "run.log").is_file()
+        and (run / "checkpoints" / "last.pt").is_file()
+        and "not a readable image" in (run / "run.log").read_text()
+    )
 
 
 def test_a_workers_user_error_is_its_own_line():
-    report = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  File ...\n"
-              "rethink.errors.UserError: /data/x.png: not a readable image (no such file)\n")
+    report = (
+        "Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  File ...\n"
+        "rethink.errors.UserError: /data/x.png: not a readable image (no such file)\n"
+    )
     assert str(UserError(report)) == "/data/x.png: not a readable image (no such file) (in DataLoader worker process 0)"
 
 
@@ -100,7 +141,11 @@ def test_a_run_that_diverges_before_its_first_checkpoint_keeps_its_folder_and_sa
     result = poisoned_run_py(1, *tiny_overrides, *QUICK, f"hydra.run.dir={run}")
     assert result.returncode == 1 and "non-finite" in result.stderr.splitlines()[-1]
     assert "non-finite" in (run / "run.log").read_text()  # the reason, kept
-    assert list(run.glob("events.out.tfevents.*")) and (run / "splits.csv").is_file() and not (run / "checkpoints").exists()
+    assert (
+        list(run.glob("events.out.tfevents.*"))
+        and (run / "splits.csv").is_file()
+        and not (run / "checkpoints").exists()
+    )
     assert read_run(run).state == "failed" and "non-finite" in read_run(run).note
 
 
@@ -109,7 +154,9 @@ def test_a_resume_that_diverges_keeps_the_runs_history_and_its_resume_record(tmp
     first = run_py(*tiny_overrides, *QUICK, "trainer.epochs=1", "trainer.limit_train_batches=2", f"hydra.run.dir={run}")
     assert first.returncode == 0, first.stderr[-2000:]
     log_before = (run / "run.log").read_text()
-    resumed = poisoned_run_py(2, *tiny_overrides, *QUICK, "trainer.epochs=3", "trainer.limit_train_batches=2", f"resume={run}")
+    resumed = poisoned_run_py(
+        2, *tiny_overrides, *QUICK, "trainer.epochs=3", "trainer.limit_train_batches=2", f"resume={run}"
+    )
     assert resumed.returncode == 1 and "non-finite" in resumed.stderr.splitlines()[-1]
     log = (run / "run.log").read_text()
     assert log.startswith(log_before) and "epoch 2/3" in log and "non-finite" in log  # nothing cut back
@@ -136,7 +183,10 @@ def test_a_non_finite_validation_loss_is_divergence(tmp_path, tiny, monkeypatch)
 
 def test_json_files_hold_no_bare_nan(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"loss": float("nan"), "curve": [1.0, float("inf")]})
-    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"loss": None, "curve": [1.0, None]}
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "loss": None,
+        "curve": [1.0, None],
+    }
 
 
 # 4, 5. resume=auto after a kill before the first checkpoint, and with a changed recipe ---------------------------
@@ -163,7 +213,9 @@ def test_resume_auto_starts_again_a_run_killed_before_its_first_checkpoint(tmp_p
 
 
 @pytest.mark.slow
-def test_a_sweep_whose_first_job_was_killed_before_its_checkpoint_finishes_every_job_with_resume_auto(tmp_path, unseeded, run_py):
+def test_a_sweep_whose_first_job_was_killed_before_its_checkpoint_finishes_every_job_with_resume_auto(
+    tmp_path, unseeded, run_py
+):
     sweep = tmp_path / "sweep"
     job_args = [*unseeded, *QUICK, "trainer.epochs=1", "trainer.limit_train_batches=2", "resume=auto"]
     killed_before_its_first_checkpoint(sweep / "0_b0_seed=0", [*job_args, "seed=0"])
@@ -181,7 +233,9 @@ def test_resume_auto_refuses_to_pass_a_finished_run_off_as_a_changed_recipe(tmp_
     assert changed.returncode == 1
     last = changed.stderr.strip().splitlines()[-1]
     assert "optimizer" in last and "optimizer.lr: 0.01 -> 0.05" in last and "a resume may change only" in last
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before  # untouched, no record
+    assert {
+        p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"
+    } == before  # untouched, no record
     again = run_py(*args)
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
 
@@ -198,14 +252,18 @@ def test_a_continued_run_is_compared_and_shown_under_its_new_length(tmp_path, ti
 
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    start = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    )
     assert start.session_start_info.hparams["trainer.epochs"].number_value == 2
 
 
 # 8. commands that can be pasted --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("folder", ["outputs/multirun/2026-12-02/10-00-00/1_b0_seed=1", "outputs/train/2026-12-02/10-00-00"])
+@pytest.mark.parametrize(
+    "folder", ["outputs/multirun/2026-12-02/10-00-00/1_b0_seed=1", "outputs/train/2026-12-02/10-00-00"]
+)
 def test_the_printed_resume_argument_works_when_pasted_into_a_shell(folder):
     printed = rundir.resume_argument(folder)
     (as_the_shell_passes_it,) = shlex.split(printed)
@@ -280,10 +338,17 @@ print("went on after the run")
 
 def test_a_stop_by_sigterm_in_a_program_that_did_not_handle_it_ends_that_program_after_saving(tmp_path, tiny_overrides):
     """As with pytest under `timeout`: the run saves, then the signal does what it did before the run."""
-    result = subprocess.run([sys.executable, "-c", STOPPED_IN_PROCESS, str(tmp_path), *tiny_overrides, *QUICK], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", STOPPED_IN_PROCESS, str(tmp_path), *tiny_overrides, *QUICK],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == -signal.SIGTERM, result.stderr[-2000:]
-    assert "went on" not in result.stdout and load_checkpoint(tmp_path / "checkpoints" / "last.pt")["partial"] is not None
+    assert (
+        "went on" not in result.stdout and load_checkpoint(tmp_path / "checkpoints" / "last.pt")["partial"] is not None
+    )
 
 
 # suspicions --------------------------------------------------------------------------------------------
@@ -314,7 +379,9 @@ def test_a_resume_with_another_number_of_processes_is_refused(tmp_path, tiny):
     train(tiny("trainer.epochs=1"), tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     save_checkpoint({**state, "world_size": 2}, tmp_path / "checkpoints" / "last.pt")  # as a torchrun of 2 leaves it
-    with pytest.raises(UserError, match=r"trained in 2 process\(es\) .* global batch of 16.*torchrun --nproc-per-node=2"):
+    with pytest.raises(
+        UserError, match=r"trained in 2 process\(es\) .* global batch of 16.*torchrun --nproc-per-node=2"
+    ):
         train(tiny("trainer.epochs=2", f"resume={tmp_path}"), tmp_path / "x")
 
 
@@ -341,8 +408,13 @@ time.sleep(60)
 def test_a_run_killed_hard_frees_its_folder_at_once_though_its_loader_workers_live_on(tmp_path):
     """A worker forked from the run shares its open files: the folder's lock must not outlive the run in it, or
     `resume=` right after a kill -9 is refused as "another process is training"."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert process.stdout.readline().strip() == "held"
         assert rundir.run_is_locked(tmp_path)

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_1_the_basic_sweepers_expansion_of_a_sweep_into_jobs():
     swept, jobs = sweep_jobs(["model=b0,v2_s", "seed=0,1", "trainer.epochs=2"], {"data.batch_size": "8"})
     assert swept == ["model", "seed"]
-    assert jobs == [["data.batch_size=8", f"model={m}", f"seed={s}", "trainer.epochs=2"] for m in ("b0", "v2_s") for s in (0, 1)]
+    assert jobs == [
+        ["data.batch_size=8", f"model={m}", f"seed={s}", "trainer.epochs=2"] for m in ("b0", "v2_s") for s in (0, 1)
+    ]
 
 
 def test_2_a_failed_compositions_frame_holds_the_config_it_did_not_fit():
@@ -53,8 +55,13 @@ def test_4_hydra_full_error_makes_hydra_main_raise(tmp_path):
         "def main(cfg):\n    raise ValueError('raised as it is')\n"
         "try:\n    main()\nexcept ValueError as e:\n    print('caught', e)\n"
     )
-    out = subprocess.run([sys.executable, str(app), f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
-                         env={**os.environ, "HYDRA_FULL_ERROR": "1"}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(app), f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+        timeout=120,
+    )
     assert "caught raised as it is" in out.stdout, out.stderr[-1000:]
 
 
@@ -68,11 +75,35 @@ def test_5_run_folders_are_resolved_before_anything_is_written_and_each_time_ali
 
 def test_6_a_sweep_with_a_failed_job_is_still_compared(tmp_path):
     """Hydra skips on_multirun_end after a failed job; the sweep callback counts the jobs itself."""
-    tiny = ["data=synthetic", "data.images_per_class=10", "data.image_size=32", "data.num_workers=0", "data.batch_size=8",
-            "model.train_size=32", "model.eval_size=32", "trainer.device=cpu", "trainer.epochs=1", "trainer.cpu_threads=1",
-            "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.image_grid=false"]
-    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *tiny, "optimizer.lr=0.01,-1",
-                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    tiny = [
+        "data=synthetic",
+        "data.images_per_class=10",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "model.train_size=32",
+        "model.eval_size=32",
+        "trainer.device=cpu",
+        "trainer.epochs=1",
+        "trainer.cpu_threads=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.image_grid=false",
+    ]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "-m",
+            *tiny,
+            "optimizer.lr=0.01,-1",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 1
     assert "failed" in (tmp_path / "sweep" / "comparison.md").read_text()
 

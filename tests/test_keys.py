@@ -69,5 +69,8 @@ def test_the_keys_the_lists_used_to_disagree_on():
 
 def test_a_stage_edit_and_a_group_choice_are_what_keys():
     assert not _may_change("model.stages.3.block") and not is_ignored("model.stages.3.block", COMPARE_IGNORED)
-    assert job_dir(3, "v2_s", ["model.stages.3.block=fused", "data=folder", "trainer.device=cpu"]) == "3_v2_s_stages.3.block=fused_data=folder"
+    assert (
+        job_dir(3, "v2_s", ["model.stages.3.block=fused", "data=folder", "trainer.device=cpu"])
+        == "3_v2_s_stages.3.block=fused_data=folder"
+    )
     assert "eval" in COMPARE_IGNORED and "trainer.device" in RESUMABLE  # whole groups are written as the group

@@ -24,16 +24,29 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def learner(model, accumulation: int, ema: bool = False) -> Learner:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    scheduler = build_scheduler(optimizer, 10, 3, dict(name="cosine", warmup_epochs=0.0, warmup_start_ratio=0.1, min_lr_ratio=0.01))
+    scheduler = build_scheduler(
+        optimizer, 10, 3, dict(name="cosine", warmup_epochs=0.0, warmup_start_ratio=0.1, min_lr_ratio=0.01)
+    )
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True) if ema else None
     inputs = Inputs(torch.device("cpu"), MEAN, STD, channels_last=False)
-    return Learner(model, optimizer, scheduler, inputs, Precision(None, "cpu"), ema=average, label_smoothing=0.1, grad_clip=1.0,
-                   grad_accumulation=accumulation)
+    return Learner(
+        model,
+        optimizer,
+        scheduler,
+        inputs,
+        Precision(None, "cpu"),
+        ema=average,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        grad_accumulation=accumulation,
+    )
 
 
 def batch(n: int, size: int = 32, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator), torch.randint(0, 5, (n,), generator=generator)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator), torch.randint(
+        0, 5, (n,), generator=generator
+    )
 
 
 @pytest.mark.parametrize("accumulation", [2, 4])
@@ -47,7 +60,9 @@ def test_accumulating_n_batches_of_b_is_one_batch_of_n_times_b(accumulation):
     images, labels = batch(4 * accumulation)
 
     loss, correct = whole.forward_backward(images, labels)
-    losses, hits = zip(*(accumulated.forward_backward(x, y) for x, y in zip(images.chunk(accumulation), labels.chunk(accumulation))))
+    losses, hits = zip(
+        *(accumulated.forward_backward(x, y) for x, y in zip(images.chunk(accumulation), labels.chunk(accumulation)))
+    )
     assert torch.allclose(torch.stack(losses).mean(), loss, rtol=1e-5) and sum(hits) == correct
     for p, q in zip(big.parameters(), small.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7)
@@ -80,7 +95,9 @@ def test_a_stop_waits_for_the_end_of_the_group_and_leftovers_are_dropped():
     images, labels = batch(2)
     asked = itertools.count()
     totals = train_epoch(trainer, [(images, labels)] * 6, 6, EpochTotals(), should_stop=lambda: next(asked) >= 1)
-    assert totals.interrupted and totals.batches == 2 and trainer.scheduler.last_epoch == 1  # asked at batches 0 and 2 only
+    assert (
+        totals.interrupted and totals.batches == 2 and trainer.scheduler.last_epoch == 1
+    )  # asked at batches 0 and 2 only
     totals = train_epoch(trainer, [(images, labels)] * 3, 3, EpochTotals())  # one and a half groups
     assert totals.batches == 3 and trainer.scheduler.last_epoch == 2 and trainer.between_steps
     assert all(p.grad is None for p in model.parameters())  # the half group's gradients are gone
@@ -100,20 +117,37 @@ def test_an_epoch_is_whole_groups_of_batches():
     assert batches_per_epoch(Loader(10), trainer_cfg) == 8 and batches_per_epoch(Loader(4), trainer_cfg) == 4
     trainer_cfg.limit_train_batches = 7
     assert batches_per_epoch(Loader(10), trainer_cfg) == 4
-    with pytest.raises(UserError, match=r"trainer.grad_accumulation=4: an epoch has only 3 batches of data.batch_size=8"):
+    with pytest.raises(
+        UserError, match=r"trainer.grad_accumulation=4: an epoch has only 3 batches of data.batch_size=8"
+    ):
         batches_per_epoch(Loader(3), compose_config(["trainer.grad_accumulation=4"]).trainer)
 
 
 def test_training_with_accumulation_schedules_optimizer_steps(tmp_path):
     overrides = [
-        "data=synthetic", "data.images_per_class=20", "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
-        "model.train_size=32", "model.eval_size=32", "trainer.epochs=2", "trainer.limit_train_batches=5", "trainer.limit_val_batches=1",
-        "trainer.device=cpu", "trainer.cpu_threads=1", "trainer.image_grid=false", "trainer.grad_accumulation=2",
-        "trainer.grad_checkpointing=true", "trainer.ema=true", "scheduler.warmup_epochs=0",
+        "data=synthetic",
+        "data.images_per_class=20",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "model.train_size=32",
+        "model.eval_size=32",
+        "trainer.epochs=2",
+        "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=1",
+        "trainer.device=cpu",
+        "trainer.cpu_threads=1",
+        "trainer.image_grid=false",
+        "trainer.grad_accumulation=2",
+        "trainer.grad_checkpointing=true",
+        "trainer.ema=true",
+        "scheduler.warmup_epochs=0",
     ]
     metrics = train(compose_config(overrides), tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt", key="test")
-    assert state["steps_per_epoch"] == 4 and state["scheduler"]["last_epoch"] == 4 and state["ema_updates"] == 4  # 2 epochs x 2 steps
+    assert (
+        state["steps_per_epoch"] == 4 and state["scheduler"]["last_epoch"] == 4 and state["ema_updates"] == 4
+    )  # 2 epochs x 2 steps
     assert metrics["train_img_s"] > 0 and state["history"][0]["lr"] == pytest.approx(0.01)
 
 
@@ -124,9 +158,21 @@ def test_a_signal_mid_group_stops_after_it_and_the_resume_is_exact(tmp_path, mon
     import rethink.train.loop as loop
 
     overrides = [
-        "data=synthetic", "data.images_per_class=20", "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
-        "model.train_size=32", "model.eval_size=32", "trainer.epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
-        "trainer.device=cpu", "trainer.cpu_threads=1", "trainer.image_grid=false", "trainer.grad_accumulation=2", "trainer.grad_checkpointing=true",
+        "data=synthetic",
+        "data.images_per_class=20",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "model.train_size=32",
+        "model.eval_size=32",
+        "trainer.epochs=2",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1",
+        "trainer.device=cpu",
+        "trainer.cpu_threads=1",
+        "trainer.image_grid=false",
+        "trainer.grad_accumulation=2",
+        "trainer.grad_checkpointing=true",
     ]
     train(compose_config(overrides), tmp_path / "whole")
     real_step, calls = loop.Learner.step, {"n": 0}
@@ -153,7 +199,9 @@ def test_a_signal_mid_group_stops_after_it_and_the_resume_is_exact(tmp_path, mon
 @pytest.mark.parametrize("name", ["b0", "v2_s"])
 def test_checkpointed_stages_give_the_same_gradients_statistics_and_random_stream(name):
     torch.manual_seed(0)
-    plain = create_model(name, 5, ["model.drop_path_rate=0.5"]).train()  # drop path draws masks: the same in the recomputation
+    plain = create_model(
+        name, 5, ["model.drop_path_rate=0.5"]
+    ).train()  # drop path draws masks: the same in the recomputation
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_grad_checkpointing()
     x = torch.randn(3, 3, 48, 48)

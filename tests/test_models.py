@@ -123,8 +123,15 @@ def test_any_stage_field_changes_from_the_override_grammar(override, field, valu
 
 
 def test_v1_layout_scales_with_width_and_depth():
-    b4 = network_spec({"width": 1.4, "depth": 1.8, "stem": 32, "head": 1280, "stages": [
-        {"block": "mbconv", "expand": 6, "kernel": 5, "stride": 2, "out": 40, "repeats": 2}]})
+    b4 = network_spec(
+        {
+            "width": 1.4,
+            "depth": 1.8,
+            "stem": 32,
+            "head": 1280,
+            "stages": [{"block": "mbconv", "expand": 6, "kernel": 5, "stride": 2, "out": 40, "repeats": 2}],
+        }
+    )
     assert b4.stem == 48 and b4.head == 1792
     assert b4.stages[0].out == 56 and b4.stages[0].repeats == 4
     assert b4.stages[0].se == 0.25  # the mbconv default

@@ -22,13 +22,31 @@ from rethink.train.progressive import ProgressiveLearning, stage_of, stage_setti
 
 # A small network (b0's layout at width 0.25, one block per stage) at 32-64 px, one CPU thread.
 TINY = [
-    "data=synthetic", "data.images_per_class=24", "data.image_size=64", "data.num_workers=0", "data.batch_size=8",
-    "model.width=0.25", "model.depth=0.1", "model.head=64", "model.train_size=64", "model.eval_size=32",
-    "trainer.device=cpu", "trainer.cpu_threads=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-    "trainer.image_grid=false", "seed=3",
+    "data=synthetic",
+    "data.images_per_class=24",
+    "data.image_size=64",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "model.width=0.25",
+    "model.depth=0.1",
+    "model.head=64",
+    "model.train_size=64",
+    "model.eval_size=32",
+    "trainer.device=cpu",
+    "trainer.cpu_threads=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.image_grid=false",
+    "seed=3",
 ]
-STAGES = ["progressive=v2", "progressive.stages=4", "progressive.min_size=32", "trainer.epochs=4",
-          "data.augment=randaugment", "data.mixup_alpha=0.4"]
+STAGES = [
+    "progressive=v2",
+    "progressive.stages=4",
+    "progressive.min_size=32",
+    "trainer.epochs=4",
+    "data.augment=randaugment",
+    "data.mixup_alpha=0.4",
+]
 
 
 def tiny(*overrides: str):
@@ -75,12 +93,15 @@ def same_weights(a: dict, b: dict) -> bool:
 
 # --- the schedule ------------------------------------------------------------------------------------
 
+
 def test_the_schedule_grows_size_and_regularisation_stage_by_stage():
     cfg = tiny(*STAGES)
     settings = [stage_settings(e, 4, cfg.progressive, cfg.model, cfg.data) for e in (1, 2, 3, 4)]
     assert [s.stage for s in settings] == [0, 1, 2, 3]
     assert [s.image_size for s in settings] == [40, 48, 56, 64]  # 32 + 32 * (k + 1) / 4: never 32 itself
-    assert [s.dropout for s in settings] == pytest.approx([0.1, 0.1 + 0.1 / 3, 0.1 + 0.2 / 3, 0.2])  # 0.1 -> model.dropout
+    assert [s.dropout for s in settings] == pytest.approx(
+        [0.1, 0.1 + 0.1 / 3, 0.1 + 0.2 / 3, 0.2]
+    )  # 0.1 -> model.dropout
     assert [s.randaug_magnitude for s in settings] == pytest.approx([5, 5 + 5 / 3, 5 + 10 / 3, 10])
     assert [s.mixup_alpha for s in settings] == pytest.approx([0, 0.4 / 3, 0.8 / 3, 0.4])  # 0 -> data.mixup_alpha
     # E epochs in M equal parts: epoch e (1-based) is in stage floor((e - 1) * M / E)
@@ -91,7 +112,9 @@ def test_the_schedule_grows_size_and_regularisation_stage_by_stage():
     assert [stage_size(k, 3, 64, 299) for k in range(3)] == [144, 224, 299]  # the last stage is train_size itself
     # one stage: the end values at train_size; without RandAugment no magnitude
     one = tiny(*STAGES, "progressive.stages=1", "data.augment=flip_crop")
-    assert stage_settings(3, 4, one.progressive, one.model, one.data) == progressive.StageSettings(0, 64, 0.2, None, 0.4)
+    assert stage_settings(3, 4, one.progressive, one.model, one.data) == progressive.StageSettings(
+        0, 64, 0.2, None, 0.4
+    )
 
 
 def test_v2_preset_is_the_official_v2_s_schedule():
@@ -102,15 +125,23 @@ def test_v2_preset_is_the_official_v2_s_schedule():
     assert cfg.model.eval_size == 384
 
 
-@pytest.mark.parametrize("model, preset, ends", [
-    ("v2_m", "v2_m", (384, 0.3, 15, 0.2)),
-    ("v2_l", "v2_l", (384, 0.4, 20, 0.5)),
-])
+@pytest.mark.parametrize(
+    "model, preset, ends",
+    [
+        ("v2_m", "v2_m", (384, 0.3, 15, 0.2)),
+        ("v2_l", "v2_l", (384, 0.4, 20, 0.5)),
+    ],
+)
 def test_v2_m_and_v2_l_presets_end_where_the_official_code_does(model, preset, ends):
     cfg = compose_config([f"model={model}", f"progressive={preset}", "data.augment=randaugment", "trainer.epochs=32"])
     validate(cfg)
     first, last = (stage_settings(e, 32, cfg.progressive, cfg.model, cfg.data) for e in (1, 32))
-    assert (first.image_size, first.dropout, first.randaug_magnitude, first.mixup_alpha) == (192, 0.1, 5, 0)  # 128 + 256/4 = 192
+    assert (first.image_size, first.dropout, first.randaug_magnitude, first.mixup_alpha) == (
+        192,
+        0.1,
+        5,
+        0,
+    )  # 128 + 256/4 = 192
     assert (last.image_size, last.dropout, last.randaug_magnitude, last.mixup_alpha) == pytest.approx(ends)
     assert progressive.enabled(cfg.progressive)
 
@@ -120,22 +151,28 @@ def test_a_null_randaugment_end_is_the_runs_own_magnitude():
     assert {stage_settings(e, 4, cfg.progressive, cfg.model, cfg.data).randaug_magnitude for e in (1, 4)} == {12}
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["progressive.min_size=96"], ["progressive.min_size=96", "model.train_size=64"]),
-    (["trainer.epochs=3"], ["progressive.stages=4", "trainer.epochs"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["progressive.min_size=96"], ["progressive.min_size=96", "model.train_size=64"]),
+        (["trainer.epochs=3"], ["progressive.stages=4", "trainer.epochs"]),
+    ],
+)
 def test_impossible_schedules_are_refused_with_one_line(overrides, words):
     with pytest.raises(UserError) as refused:
         ProgressiveLearning(tiny(*STAGES, *overrides), 4)
     assert all(w in str(refused.value) for w in words)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("progressive.randaug_magnitude=[5,25]", "progressive.randaug_magnitude"),
-    ("data.randaug_magnitude=21", "data.randaug_magnitude"),
-    ("progressive.dropout=[0.1]", "progressive.dropout"),
-    ("progressive.stages=0", "progressive.stages"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("progressive.randaug_magnitude=[5,25]", "progressive.randaug_magnitude"),
+        ("data.randaug_magnitude=21", "data.randaug_magnitude"),
+        ("progressive.dropout=[0.1]", "progressive.dropout"),
+        ("progressive.stages=0", "progressive.stages"),
+    ],
+)
 def test_out_of_range_keys_are_refused(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         tiny(*STAGES, override)
@@ -148,13 +185,16 @@ def test_compile_may_recompile_once_per_stage():
     saved = config.cache_size_limit
     config.cache_size_limit = 8
     try:
-        ProgressiveLearning(tiny(*STAGES, "progressive.stages=20", "trainer.epochs=40", "trainer.compile=true"), 4, compiled=True)
+        ProgressiveLearning(
+            tiny(*STAGES, "progressive.stages=20", "trainer.epochs=40", "trainer.compile=true"), 4, compiled=True
+        )
         assert config.cache_size_limit >= 2 * 20 + 2  # one entry per stage and mode, and some to spare
     finally:
         config.cache_size_limit = saved
 
 
 # --- training -----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def staged_run(tmp_path_factory):
@@ -173,19 +213,27 @@ def test_each_stage_trains_and_logs_its_size_and_regularisation(staged_run, scal
     assert [a for _, _, a, _ in seen[::2]] == pytest.approx([0, 0.4 / 3, 0.8 / 3, 0.4])
     logged = scalars(run_dir)
     assert logged["train/image_size"] == [(1, 40), (2, 48), (3, 56), (4, 64)]
-    for tag, values in [("train/dropout", [0.1, 0.1 + 0.1 / 3, 0.1 + 0.2 / 3, 0.2]),
-                        ("train/randaug_magnitude", [5, 5 + 5 / 3, 5 + 10 / 3, 10]),
-                        ("train/mixup_alpha", [0, 0.4 / 3, 0.8 / 3, 0.4])]:
+    for tag, values in [
+        ("train/dropout", [0.1, 0.1 + 0.1 / 3, 0.1 + 0.2 / 3, 0.2]),
+        ("train/randaug_magnitude", [5, 5 + 5 / 3, 5 + 10 / 3, 10]),
+        ("train/mixup_alpha", [0, 0.4 / 3, 0.8 / 3, 0.4]),
+    ]:
         assert [step for step, _ in logged[tag]] == [1, 2, 3, 4], tag
         assert [v for _, v in logged[tag]] == pytest.approx(values, abs=1e-6), tag
     history = load_checkpoint(run_dir / "checkpoints" / "last.pt")["history"]
     assert [(r["stage"], r["image_size"]) for r in history] == [(0, 40), (1, 48), (2, 56), (3, 64)]
     hparams = hparams_of(run_dir)
-    assert (hparams["progressive.name"], hparams["progressive.stages"], hparams["progressive.min_size"]) == ("v2", 4, 32)
+    assert (hparams["progressive.name"], hparams["progressive.stages"], hparams["progressive.min_size"]) == (
+        "v2",
+        4,
+        32,
+    )
     assert hparams["progressive_sizes"] == "40->64" and hparams["progressive_randaug"] == "5->10"
 
 
-def test_resume_in_the_middle_of_a_stage_continues_its_schedule_exactly(staged_run, tmp_path, monkeypatch, scalars, stop_exits):
+def test_resume_in_the_middle_of_a_stage_continues_its_schedule_exactly(
+    staged_run, tmp_path, monkeypatch, scalars, stop_exits
+):
     uninterrupted, _ = staged_run
     import rethink.train.loop as loop
 
@@ -230,10 +278,18 @@ def test_progressive_none_trains_bit_for_bit_as_before(tmp_path, monkeypatch, sc
         m.setattr(progressive, "ProgressiveLearning", Absent)
         train(tiny(*base), tmp_path / "before")
     # one stage whose settings are the run's own: the rebuilt loader, transform and mixer change nothing
-    neutral = ["progressive=v2", "progressive.stages=1", "progressive.min_size=64", "progressive.dropout=[null,null]",
-               "progressive.randaug_magnitude=[null,null]", "progressive.mixup_alpha=[null,null]"]
+    neutral = [
+        "progressive=v2",
+        "progressive.stages=1",
+        "progressive.min_size=64",
+        "progressive.dropout=[null,null]",
+        "progressive.randaug_magnitude=[null,null]",
+        "progressive.mixup_alpha=[null,null]",
+    ]
     train(tiny(*base, *neutral), tmp_path / "neutral")
-    none, before, same = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("none", "before", "neutral"))
+    none, before, same = (
+        load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("none", "before", "neutral")
+    )
     assert comparable(none["history"]) == comparable(before["history"])
     assert same_weights(none["model"], before["model"]) and same_weights(none["model"], same["model"])
     assert [r["train_loss"] for r in same["history"]] == [r["train_loss"] for r in none["history"]]
@@ -243,8 +299,17 @@ def test_progressive_none_trains_bit_for_bit_as_before(tmp_path, monkeypatch, sc
 def test_loader_workers_see_each_stage_and_old_workers_are_gone(tmp_path, monkeypatch):
     seen, others = [], len(multiprocessing.active_children())
     recording_steps(monkeypatch, seen)
-    train(tiny("progressive=v2", "progressive.stages=2", "progressive.min_size=32", "model.train_size=48",
-               "trainer.epochs=2", "data.num_workers=1"), tmp_path)
+    train(
+        tiny(
+            "progressive=v2",
+            "progressive.stages=2",
+            "progressive.min_size=32",
+            "model.train_size=48",
+            "trainer.epochs=2",
+            "data.num_workers=1",
+        ),
+        tmp_path,
+    )
     assert [size for size, *_ in seen] == [40, 40, 48, 48]  # made in a worker process, persistent within a stage
     # epoch 2: the val loader's worker and the new train loader's; the first train loader's worker was shut down
     assert max(children for *_, children in seen) - others <= 2
@@ -271,5 +336,9 @@ def test_the_experiment_sweeps_progressive_learning_over_three_seeds():
     for option in ("none", "v2"):
         cfg = compose_config(["experiment=progressive_v2_s", f"progressive={option}"])
         validate(cfg)
-        assert cfg.model.name == "v2_s" and cfg.progressive.name.value == option and cfg.compare.baseline == "progressive=none"
+        assert (
+            cfg.model.name == "v2_s"
+            and cfg.progressive.name.value == option
+            and cfg.compare.baseline == "progressive=none"
+        )
         ProgressiveLearning(cfg, 5)  # its schedule is possible

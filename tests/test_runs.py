@@ -60,7 +60,9 @@ def signal_at_step(monkeypatch, step: int) -> None:
 # --- numbers you can trust (issue 14) ---
 
 
-def test_a_resume_after_a_signal_mid_epoch_trains_exactly_what_an_uninterrupted_run_does(tmp_path, monkeypatch, tiny, stop_exits):
+def test_a_resume_after_a_signal_mid_epoch_trains_exactly_what_an_uninterrupted_run_does(
+    tmp_path, monkeypatch, tiny, stop_exits
+):
     # dropout and drop path are on (B0's defaults): the resumed batches must draw what they would have drawn
     settings = ("trainer.epochs=2", "trainer.limit_train_batches=5")
     whole = train(tiny(*settings), tmp_path / "whole")
@@ -78,8 +80,14 @@ def test_a_resume_after_a_signal_mid_epoch_trains_exactly_what_an_uninterrupted_
 
 
 def test_the_logged_lr_is_the_one_each_epoch_trained_with(tmp_path, scalars, tiny):
-    train(tiny("trainer.epochs=3", "scheduler=study_cosine", "scheduler.warmup_epochs=0", "optimizer.lr=0.01"), tmp_path)
-    expected = [0.01, 0.01 * (0.99 * 0.75 + 0.01), 0.01 * (0.99 * 0.25 + 0.01)]  # (1 + cos(pi e / 3)) / 2 = 1, 0.75, 0.25
+    train(
+        tiny("trainer.epochs=3", "scheduler=study_cosine", "scheduler.warmup_epochs=0", "optimizer.lr=0.01"), tmp_path
+    )
+    expected = [
+        0.01,
+        0.01 * (0.99 * 0.75 + 0.01),
+        0.01 * (0.99 * 0.25 + 0.01),
+    ]  # (1 + cos(pi e / 3)) / 2 = 1, 0.75, 0.25
     history = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["history"]
     assert [r["lr"] for r in history] == pytest.approx(expected)
     assert [v for _, v in scalars(tmp_path)["lr"]] == pytest.approx(expected)
@@ -87,14 +95,29 @@ def test_the_logged_lr_is_the_one_each_epoch_trained_with(tmp_path, scalars, tin
 
 def test_hparams_tell_apart_runs_that_change_a_stage(tmp_path, tiny):
     train(tiny("trainer.epochs=1", "trainer.limit_train_batches=1"), tmp_path / "plain")
-    train(tiny("trainer.epochs=1", "trainer.limit_train_batches=1", "model.stages.1.kernel=5", "model.stages.1.expand=4"), tmp_path / "edited")
+    train(
+        tiny("trainer.epochs=1", "trainer.limit_train_batches=1", "model.stages.1.kernel=5", "model.stages.1.expand=4"),
+        tmp_path / "edited",
+    )
     plain, edited = hparams_of(tmp_path / "plain"), hparams_of(tmp_path / "edited")
     assert plain["stage_1"] == "mbconv e6 k3 s2 c24 x2 se0.25"
     assert edited["stage_1"] == "mbconv e4 k5 s2 c24 x2 se0.25"
     assert {k for k in plain if plain[k] != edited.get(k)} == {
-        "stages", "stage_1", "params", "gmacs", "model.stages.1.kernel", "model.stages.1.expand"}  # the keys by their names
-    assert edited["stages"].endswith("+edits") and (edited["model.stages.1.kernel"], plain["model.name"], plain["seed"]) == (5, "b0", 3)
-    assert plain["trainer.grad_clip"] == "null" and "trainer.device" not in plain  # None as null; how-keys are no part of it
+        "stages",
+        "stage_1",
+        "params",
+        "gmacs",
+        "model.stages.1.kernel",
+        "model.stages.1.expand",
+    }  # the keys by their names
+    assert edited["stages"].endswith("+edits") and (
+        edited["model.stages.1.kernel"],
+        plain["model.name"],
+        plain["seed"],
+    ) == (5, "b0", 3)
+    assert (
+        plain["trainer.grad_clip"] == "null" and "trainer.device" not in plain
+    )  # None as null; how-keys are no part of it
 
 
 PEAK_AFTER_RESET = """
@@ -113,7 +136,9 @@ print(kind, before, after)
 
 def test_peak_memory_on_the_cpu_is_this_runs_not_the_processes():
     """In a process of its own: the peak of a process that earlier tests made large would hide the 400 MB."""
-    out = subprocess.run([sys.executable, "-c", PEAK_AFTER_RESET], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_AFTER_RESET], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     kind, before, after = out.stdout.split()
     if kind == "process_rss_lifetime":
         pytest.skip("this system cannot reset a process's peak memory (no /proc/self/clear_refs)")
@@ -133,8 +158,15 @@ def test_a_step_the_gradient_scaler_skips_moves_neither_the_schedule_nor_the_ema
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     overflow = {"on": True}  # the first step's gradients overflow, as fp16 gradients do: the scaler skips it
     model[1].weight.register_hook(lambda grad: grad * float("inf") if overflow["on"] else grad)
-    learner = Learner(model, optimizer, scheduler, Inputs(torch.device("cpu"), (0.5,) * 3, (0.5,) * 3, False),
-                      Precision(None, "cpu"), scaler, ema)
+    learner = Learner(
+        model,
+        optimizer,
+        scheduler,
+        Inputs(torch.device("cpu"), (0.5,) * 3, (0.5,) * 3, False),
+        Precision(None, "cpu"),
+        scaler,
+        ema,
+    )
     weights = [p.detach().clone() for p in model.parameters()]
     images, labels = torch.randint(0, 255, (4, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
     learner.step(images, labels)
@@ -146,7 +178,9 @@ def test_a_step_the_gradient_scaler_skips_moves_neither_the_schedule_nor_the_ema
     assert scheduler.last_epoch == 1 and int(ema.n_averaged) == 1
 
 
-def test_a_signal_during_the_last_validation_stops_the_run_and_the_resume_completes_it(tmp_path, monkeypatch, scalars, tiny, stop_exits):
+def test_a_signal_during_the_last_validation_stops_the_run_and_the_resume_completes_it(
+    tmp_path, monkeypatch, scalars, tiny, stop_exits
+):
     import rethink.train.fit as train_task
 
     real, calls = train_task.evaluate, {"n": 0}
@@ -169,7 +203,9 @@ def test_a_signal_during_the_last_validation_stops_the_run_and_the_resume_comple
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 8  # 2 epochs x 4 steps
 
 
-def test_a_signal_during_the_test_pass_stops_the_run_and_the_resume_only_scores_it(tmp_path, monkeypatch, scalars, tiny, stop_exits):
+def test_a_signal_during_the_test_pass_stops_the_run_and_the_resume_only_scores_it(
+    tmp_path, monkeypatch, scalars, tiny, stop_exits
+):
     import rethink.train.fit as train_task
 
     real, calls = train_task.evaluate, {"n": 0}
@@ -194,9 +230,19 @@ def test_a_signal_during_the_test_pass_stops_the_run_and_the_resume_only_scores_
 
 
 def test_runs_started_together_each_get_their_own_folder(tmp_path, run_command, unseeded):
-    args = [*unseeded, "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.image_grid=false"]
-    runs = [subprocess.Popen([*run_command, *args, f"seed={s}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for s in range(3)]
+    args = [
+        *unseeded,
+        "trainer.epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.image_grid=false",
+    ]
+    runs = [
+        subprocess.Popen(
+            [*run_command, *args, f"seed={s}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for s in range(3)
+    ]
     outputs = [p.communicate(timeout=600) for p in runs]
     assert [p.returncode for p in runs] == [0, 0, 0], [err[-1500:] for _, err in outputs]
     folders = sorted(p.parent for p in tmp_path.glob("outputs/train/*/*/metrics.json"))
@@ -214,7 +260,10 @@ def test_runs_started_together_each_get_their_own_folder(tmp_path, run_command, 
 def test_a_folder_name_is_claimed_atomically_across_processes(tmp_path):
     claim = "import sys; from rethink.rundir import FOLDERS; print(FOLDERS.claim(sys.argv[1]))"
     target = str(tmp_path / "outputs" / "train" / "day" / "12-00-00")
-    runs = [subprocess.Popen([sys.executable, "-c", claim, target], cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", claim, target], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     claimed = [p.communicate(timeout=120)[0].strip() for p in runs]
     assert sorted(claimed) == [target, f"{target}-1", f"{target}-2", f"{target}-3"]
 
@@ -246,12 +295,15 @@ def test_eval_into_a_training_run_folder_keeps_the_training_record(tmp_path, run
     assert list((tmp_path / ".hydra").glob("eval-*/config.yaml"))
 
 
-@pytest.mark.parametrize("mistake", [
-    ["trainer.epochs=-1"],
-    ["trainer.device=cuda:7"],
-    ["task=eval"],
-    ["model.pretrained=/nonexistent.pt"],
-])
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        ["trainer.epochs=-1"],
+        ["trainer.device=cuda:7"],
+        ["task=eval"],
+        ["model.pretrained=/nonexistent.pt"],
+    ],
+)
 def test_a_refused_run_leaves_no_folder(tmp_path, mistake, run_py, tiny_overrides):
     result = run_py(*tiny_overrides, *mistake, cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: "), result.stderr[-2000:]
@@ -276,8 +328,12 @@ def test_a_sweep_lists_its_jobs_without_running_them_and_names_them_by_what_it_s
     listed = run_py("-m", "model=b0,v2_s", "model.stages.3.block=mbconv,fused", "seed=0", "--dry-run", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert "#3 3_v2_s_stages.3.block=fused: model=v2_s model.stages.3.block=fused seed=0" in listed.stdout
-    assert re.search(r"^4 job\(s\), sweeping model, model.stages.3.block, into outputs/multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d/ "
-                     r"\(or \d\d-\d\d-\d\d-1, -2, \.\.\. if another run takes that name first\):$", listed.stdout, re.M), listed.stdout
+    assert re.search(
+        r"^4 job\(s\), sweeping model, model.stages.3.block, into outputs/multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d/ "
+        r"\(or \d\d-\d\d-\d\d-1, -2, \.\.\. if another run takes that name first\):$",
+        listed.stdout,
+        re.M,
+    ), listed.stdout
     assert not (tmp_path / "outputs").exists()
     named = run_py("-m", "seed=0,1", "hydra.sweep.dir=studies/a", "--dry-run", cwd=tmp_path)
     assert "2 job(s), sweeping seed, into studies/a/:" in named.stdout
@@ -289,8 +345,16 @@ def test_a_sweep_lists_its_jobs_without_running_them_and_names_them_by_what_it_s
 
 
 def test_a_sweep_experiment_without_m_runs_as_a_sweep(tmp_path, run_py, unseeded):
-    result = run_py("experiment=shallow_fusion", *unseeded, "model.stages.3.block=fused", "seed=0",
-                    "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", cwd=tmp_path)
+    result = run_py(
+        "experiment=shallow_fusion",
+        *unseeded,
+        "model.stages.3.block=fused",
+        "seed=0",
+        "trainer.epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (tmp_path / "outputs" / "train").exists()
     jobs = list(tmp_path.glob("outputs/multirun/*/*/0_v2_s*/metrics.json"))
@@ -298,10 +362,24 @@ def test_a_sweep_experiment_without_m_runs_as_a_sweep(tmp_path, run_py, unseeded
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers_saves_and_the_resume_completes(tmp_path, run_command, run_py, scalars, tiny_overrides, wait_for_checkpoint_writes):
-    args = [*tiny_overrides, "data.num_workers=2", "trainer.epochs=4", "trainer.limit_train_batches=null", f"hydra.run.dir={tmp_path}"]
-    process = subprocess.Popen([*run_command, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_the_resume_completes(
+    tmp_path, run_command, run_py, scalars, tiny_overrides, wait_for_checkpoint_writes
+):
+    args = [
+        *tiny_overrides,
+        "data.num_workers=2",
+        "trainer.epochs=4",
+        "trainer.limit_train_batches=null",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    process = subprocess.Popen(
+        [*run_command, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     wait_for_checkpoint_writes(tmp_path / "checkpoints" / "last.pt", process, writes=1)
     for _ in range(2):  # as `timeout` does: the process, then its whole group (the loader workers too)
         os.killpg(process.pid, signal.SIGTERM)
@@ -318,23 +396,41 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_the_resume_c
 def test_resume_auto_in_a_new_folder_says_it_starts_a_run(tmp_path, run_py, tiny_overrides):
     result = run_py(*tiny_overrides, "trainer.epochs=1", "trainer.limit_train_batches=1", "resume=auto", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "resume=auto: " in result.stderr and "is a new folder, so there is no run to continue: this starts one" in result.stderr
+    assert (
+        "resume=auto: " in result.stderr
+        and "is a new folder, so there is no run to continue: this starts one" in result.stderr
+    )
 
 
 def test_counts_agree_with_their_nouns():
     from rethink.train.report import counted
 
-    assert (counted(1, "thread"), counted(2, "thread"), counted(1, "class", "classes"), counted(4, "class", "classes")) == (
-        "1 thread", "2 threads", "1 class", "4 classes")
+    assert (
+        counted(1, "thread"),
+        counted(2, "thread"),
+        counted(1, "class", "classes"),
+        counted(4, "class", "classes"),
+    ) == ("1 thread", "2 threads", "1 class", "4 classes")
 
 
 def test_a_val_loss_far_above_the_train_loss_is_explained_in_its_epoch_line():
     from rethink.train.checkpoint import Progress
     from rethink.train.report import epoch_line
 
-    record = {"epoch": 1, "train_loss": 0.8349, "train_acc": 0.5, "val_loss": 1847.2, "val_acc": 0.5, "lr": 1e-4,
-              "train_img_s": 17.0, "epoch_s": 1.9}
+    record = {
+        "epoch": 1,
+        "train_loss": 0.8349,
+        "train_acc": 0.5,
+        "val_loss": 1847.2,
+        "val_acc": 0.5,
+        "lr": 1e-4,
+        "train_img_s": 17.0,
+        "epoch_s": 1.9,
+    }
     progress = Progress()
     line = epoch_line(record, progress, 3)
-    assert line.startswith("epoch 1/3  train loss 0.8349") and "val loss >> train loss: validation uses BatchNorm's running statistics" in line
+    assert (
+        line.startswith("epoch 1/3  train loss 0.8349")
+        and "val loss >> train loss: validation uses BatchNorm's running statistics" in line
+    )
     assert "BatchNorm" not in epoch_line({**record, "val_loss": 0.91}, progress, 3)

@@ -21,18 +21,40 @@ from rethink.train.optim import RMSpropTF, lr_factor
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parent.parent
+
+
 def test_a_short_run_leaves_every_file_and_scalar(tmp_path, scalars, tiny):
     metrics = train(tiny(), tmp_path)
     for name in ["metrics.json", "classes.json", "checkpoints/last.pt", "checkpoints/best.pt"]:
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
-    for key in ["best_val_acc", "best_epoch", "final_val_acc", "final_train_loss", "test_acc", "epochs", "params",
-                "gmacs", "train_time_s", "train_img_s", "peak_memory_mb"]:
+    for key in [
+        "best_val_acc",
+        "best_epoch",
+        "final_val_acc",
+        "final_train_loss",
+        "test_acc",
+        "epochs",
+        "params",
+        "gmacs",
+        "train_time_s",
+        "train_img_s",
+        "peak_memory_mb",
+    ]:
         assert key in saved, key
     assert saved["epochs"] == 2 and isinstance(saved["test_acc"], float)
     logged = scalars(tmp_path)
-    for tag in ["train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "lr", "time/epoch_s", "throughput/train_img_s"]:
+    for tag in [
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/acc_best",
+        "lr",
+        "time/epoch_s",
+        "throughput/train_img_s",
+    ]:
         assert [step for step, _ in logged[tag]] == [1, 2], tag
     assert logged["test/acc"][0][1] == pytest.approx(saved["test_acc"])
     plugins = PluginAccumulator(str(tmp_path))
@@ -67,7 +89,10 @@ def test_freeze_backbone_trains_only_the_head_from_a_pretrained_file(tmp_path, t
 
     source = create_model("b0", 4)
     torch.save(source.state_dict(), tmp_path / "weights.pt")
-    train(tiny("trainer.epochs=1", f"model.pretrained={tmp_path / 'weights.pt'}", "model.freeze=backbone"), tmp_path / "run")
+    train(
+        tiny("trainer.epochs=1", f"model.pretrained={tmp_path / 'weights.pt'}", "model.freeze=backbone"),
+        tmp_path / "run",
+    )
     after = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
     before = source.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k].cpu())}
@@ -118,7 +143,9 @@ def test_the_command_line_cannot_overwrite_a_runs_record(tmp_path, tiny_override
     base = [*tiny_overrides, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
     assert subprocess.run([sys.executable, str(ROOT / "run.py"), *base], cwd=ROOT, capture_output=True).returncode == 0
     record = {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()}
-    again = subprocess.run([sys.executable, str(ROOT / "run.py"), *base, "optimizer.lr=0.5"], cwd=ROOT, capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *base, "optimizer.lr=0.5"], cwd=ROOT, capture_output=True, text=True
+    )
     assert again.returncode != 0 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()} == record
 
@@ -128,10 +155,12 @@ def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path, tiny_overrid
 
     data = tmp_path / "photos"
     rng = torch.Generator().manual_seed(0)
+
     def add(cls, i):
         (data / cls).mkdir(parents=True, exist_ok=True)
         pixels = torch.randint(0, 255, (24, 24, 3), generator=rng, dtype=torch.uint8).numpy()
         Image.fromarray(pixels).save(data / cls / f"{i:03d}.png")
+
     for i in range(12):
         add("cat", i), add("dog", i)
     folder = ["data=folder", f"data.root={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=4"]
@@ -139,7 +168,9 @@ def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path, tiny_overrid
     train(first, tmp_path / "run")
     split = (tmp_path / "run" / "splits.csv").read_text()
     add("cat", 12)  # one more file reshuffles a recomputed split of its class
-    resumed = compose_config([*tiny_overrides, *folder, "trainer.epochs=2", "trainer.limit_train_batches=null", f"resume={tmp_path / 'run'}"])
+    resumed = compose_config(
+        [*tiny_overrides, *folder, "trainer.epochs=2", "trainer.limit_train_batches=null", f"resume={tmp_path / 'run'}"]
+    )
     train(resumed, tmp_path / "ignored")
     assert (tmp_path / "run" / "splits.csv").read_text() == split
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
@@ -147,23 +178,47 @@ def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path, tiny_overrid
         add("dog", i)
     (tmp_path / "run" / "splits.csv").unlink()  # without the run's split, the data set is split anew
     with pytest.raises(UserError, match="steps, the run had"):
-        train(compose_config([*tiny_overrides, *folder, "trainer.epochs=3", "trainer.limit_train_batches=null", f"resume={tmp_path / 'run'}"]), tmp_path / "x")
+        train(
+            compose_config(
+                [
+                    *tiny_overrides,
+                    *folder,
+                    "trainer.epochs=3",
+                    "trainer.limit_train_batches=null",
+                    f"resume={tmp_path / 'run'}",
+                ]
+            ),
+            tmp_path / "x",
+        )
 
 
 def start_run_py(*args, **kwargs):
-    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_ends_at_the_asked_epochs_with_one_point_per_epoch(tmp_path, scalars, tiny_overrides, wait_for_checkpoint_writes):
+def test_resume_after_kill_9_ends_at_the_asked_epochs_with_one_point_per_epoch(
+    tmp_path, scalars, tiny_overrides, wait_for_checkpoint_writes
+):
     args = [*tiny_overrides, "trainer.epochs=5", "trainer.limit_train_batches=6", f"hydra.run.dir={tmp_path}"]
     process = start_run_py(*args)
     wait_for_checkpoint_writes(tmp_path / "checkpoints" / "last.pt", process, writes=2)
     process.kill()
     process.wait()
-    resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"resume={tmp_path}"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args, f"resume={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == 5
@@ -197,18 +252,28 @@ def test_sigterm_saves_mid_epoch_and_resume_finishes_the_epoch(tmp_path, monkeyp
     assert metrics["epochs"] == 3
     assert sorted(step for step, _ in scalars(tmp_path)["val/acc"]) == [1, 2, 3]
     history = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["history"]
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 12  # 3 epochs x 4 steps, none repeated
+    assert (
+        load_checkpoint(tmp_path / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 12
+    )  # 3 epochs x 4 steps, none repeated
     assert [round(r["epoch"]) for r in history] == [1, 2, 3]
 
 
 def test_resume_refuses_to_change_what_the_run_is(tmp_path, tiny_overrides):
     base = [*tiny_overrides, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
     assert subprocess.run([sys.executable, str(ROOT / "run.py"), *base], cwd=ROOT, capture_output=True).returncode == 0
-    changed = subprocess.run([sys.executable, str(ROOT / "run.py"), *base, "optimizer.lr=0.5", f"resume={tmp_path}"],
-                             cwd=ROOT, capture_output=True, text=True)
+    changed = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *base, "optimizer.lr=0.5", f"resume={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert changed.returncode != 0 and "optimizer.lr" in changed.stderr and "Traceback" not in changed.stderr
-    missing = subprocess.run([sys.executable, str(ROOT / "run.py"), *base, f"resume={tmp_path / 'nope'}"],
-                             cwd=ROOT, capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *base, f"resume={tmp_path / 'nope'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode != 0 and "no checkpoints/last.pt" in missing.stderr and "Traceback" not in missing.stderr
 
 
@@ -216,9 +281,23 @@ def test_resume_refuses_to_change_what_the_run_is(tmp_path, tiny_overrides):
 def test_sweep_over_all_eleven_models(tmp_path, scalars, tiny_overrides):
     models = "b0,b1,b2,b3,b4,b5,b6,b7,v2_s,v2_m,v2_l"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "-m", f"model={models}", *tiny_overrides, "trainer.epochs=1", "trainer.limit_train_batches=2",
-         "trainer.limit_val_batches=1", "data.batch_size=4", "trainer.image_grid=false", f"hydra.sweep.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1500,
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "-m",
+            f"model={models}",
+            *tiny_overrides,
+            "trainer.epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "data.batch_size=4",
+            "trainer.image_grid=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(tmp_path.glob("*/metrics.json"))
@@ -234,13 +313,26 @@ def test_sweep_over_all_eleven_models(tmp_path, scalars, tiny_overrides):
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, tiny_overrides):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "-m", "model.pretrained=/nonexistent.pt,false", *tiny_overrides, "trainer.epochs=1",
-         f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "-m",
+            "model.pretrained=/nonexistent.pt,false",
+            *tiny_overrides,
+            "trainer.epochs=1",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode != 0
     assert "model.pretrained=/nonexistent.pt" in result.stderr and "no such file" in result.stderr
     assert (tmp_path / "1_b0_pretrained=false" / "metrics.json").is_file()
-    assert (tmp_path / "0_b0_pretrained=-nonexistent.pt" / "run.log").is_file()  # the failed job keeps its folder and log
+    assert (
+        tmp_path / "0_b0_pretrained=-nonexistent.pt" / "run.log"
+    ).is_file()  # the failed job keeps its folder and log
     assert not (tmp_path / "0_b0_pretrained=-nonexistent.pt" / "metrics.json").exists()
 
 
@@ -259,7 +351,9 @@ def test_rmsprop_tf_matches_tensorflows_update_rule():
 
 
 def test_schedules():
-    cosine = dict(name="cosine", warmup_epochs=1, warmup_start_ratio=0.01, min_lr_ratio=0.01, decay_rate=0.97, decay_epochs=2.4)
+    cosine = dict(
+        name="cosine", warmup_epochs=1, warmup_start_ratio=0.01, min_lr_ratio=0.01, decay_rate=0.97, decay_epochs=2.4
+    )
     assert lr_factor(0, 10, 5, cosine) == pytest.approx(0.01)
     assert lr_factor(5, 10, 5, cosine) == pytest.approx(0.01 + 0.99 * 0.5)
     assert lr_factor(10, 10, 5, cosine) == pytest.approx(1.0)

@@ -27,7 +27,9 @@ from rethink.data import build_data, images, make_loader, scan, set_epoch, split
 from rethink.errors import UserError
 from rethink.hydra_app import compose_config
 
-MODEL = OmegaConf.create({"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+MODEL = OmegaConf.create(
+    {"train_size": 32, "eval_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+)
 
 
 def data_cfg(**values):
@@ -184,7 +186,9 @@ def test_identical_files_end_in_one_split(tmp_path):
     for name in ("apple", "banana", "cherry"):
         for i in range(6):
             for copy in range(1 + i % 3):
-                (root / name / f"{name}_{i:03d}_copy{copy}.jpg").write_bytes((root / name / f"{name}_{i:03d}.jpg").read_bytes())
+                (root / name / f"{name}_{i:03d}_copy{copy}.jpg").write_bytes(
+                    (root / name / f"{name}_{i:03d}.jpg").read_bytes()
+                )
     (root / "cherry" / "from_apple.jpg").write_bytes((root / "apple" / "apple_007.jpg").read_bytes())
     bundle = build_data(folder_cfg(root), MODEL)
     where = split_of(bundle)
@@ -200,7 +204,9 @@ def test_a_presplit_folder_keeps_its_splits_and_warns_about_copies_across_them(t
     photo_folder(root / "test", {"apple": 3, "banana": 3}, first_seed=1000)
     (root / "test" / "apple" / "leak.jpg").write_bytes((root / "train" / "apple" / "apple_000.jpg").read_bytes())
     for copy in range(3):  # copies inside train/: val is carved from train/, and they must stay together
-        (root / "train" / "banana" / f"copy{copy}.jpg").write_bytes((root / "train" / "banana" / "banana_005.jpg").read_bytes())
+        (root / "train" / "banana" / f"copy{copy}.jpg").write_bytes(
+            (root / "train" / "banana" / "banana_005.jpg").read_bytes()
+        )
     with caplog.at_level(logging.WARNING, logger="rethink"):
         bundle = build_data(folder_cfg(root), MODEL)
     where = split_of(bundle)
@@ -217,7 +223,9 @@ def test_a_presplit_folder_keeps_its_splits_and_warns_about_copies_across_them(t
 
 def test_predict_feeds_the_model_exactly_what_validation_does(tmp_path, monkeypatch):
     root = photo_folder(tmp_path / "d", {"apple": 4, "banana": 4}, size=(600, 480))
-    cfg = compose_config(["data=folder", f"data.root={root}", "model.train_size=32", "model.eval_size=32", "trainer.device=cpu"])
+    cfg = compose_config(
+        ["data=folder", f"data.root={root}", "model.train_size=32", "model.eval_size=32", "trainer.device=cpu"]
+    )
     bundle = build_data(cfg.data, cfg.model)
     seen = []
 
@@ -226,7 +234,9 @@ def test_predict_feeds_the_model_exactly_what_validation_does(tmp_path, monkeypa
             seen.extend(batch)
             return torch.zeros(len(batch), 2)
 
-    restored = rethink.tasks.restore.Restored(cfg, [], Recorder(), lambda batch: batch, SimpleNamespace(autocast=contextlib.nullcontext))
+    restored = rethink.tasks.restore.Restored(
+        cfg, [], Recorder(), lambda batch: batch, SimpleNamespace(autocast=contextlib.nullcontext)
+    )
     monkeypatch.setattr(rethink.tasks.predict, "load_checkpoint", lambda path: {"classes": ["apple", "banana"]})
     monkeypatch.setattr(rethink.tasks.predict, "restore", lambda state, cfg, use_ema: restored)
     files = [root / path for path in bundle.val.paths + bundle.test.paths]
@@ -273,8 +283,11 @@ def test_in_memory_data_sets_write_splits_csv_that_eval_can_check(tmp_path):
     assert [int(r["label"]) for r in rows if r["split"] == "val"] == bundle.val.labels
     assert build_data(cfg, MODEL, manifest=tmp_path / "splits.csv").manifest == bundle.manifest
     with pytest.raises(UserError, match="splits.csv"):
-        build_data(data_cfg(name="synthetic", num_classes=3, images_per_class=10, image_size=16, split_seed=5), MODEL,
-                   manifest=tmp_path / "splits.csv")
+        build_data(
+            data_cfg(name="synthetic", num_classes=3, images_per_class=10, image_size=16, split_seed=5),
+            MODEL,
+            manifest=tmp_path / "splits.csv",
+        )
 
 
 def test_the_first_epochs_cache_build_is_announced_once(tmp_path, caplog):

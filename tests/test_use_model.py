@@ -21,9 +21,17 @@ from rethink.tasks.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "data=synthetic", "data.images_per_class=30", "data.image_size=40", "data.num_workers=0", "data.batch_size=8",
-    "model.train_size=32", "model.eval_size=32", "trainer.device=cpu", "trainer.epochs=2",
-    "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+    "data=synthetic",
+    "data.images_per_class=30",
+    "data.image_size=40",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "model.train_size=32",
+    "model.eval_size=32",
+    "trainer.device=cpu",
+    "trainer.epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
 ]
 
 
@@ -65,7 +73,9 @@ def test_eval_matches_the_trainers_test_accuracy(trained, tmp_path):
 def test_eval_from_a_run_directory_and_export_with_a_batch_of_one(trained, tmp_path):
     report = evaluate(task_cfg("task=eval", f"ckpt={trained}"), tmp_path / "eval")
     assert report["test_acc"] == json.loads((trained / "metrics.json").read_text())["test_acc"]
-    assert export(task_cfg("task=export", f"ckpt={trained}", "export.batch_size=1", "export.onnx=false"), tmp_path / "export")["ok"]
+    assert export(
+        task_cfg("task=export", f"ckpt={trained}", "export.batch_size=1", "export.onnx=false"), tmp_path / "export"
+    )["ok"]
 
 
 def test_eval_on_another_split(trained, tmp_path):
@@ -75,8 +85,16 @@ def test_eval_on_another_split(trained, tmp_path):
 
 def test_predict_a_folder_skips_non_images(trained, tmp_path, caplog):
     inputs = image_folder(tmp_path / "in")
-    rows = predict(task_cfg("task=predict", f"ckpt={trained / 'checkpoints' / 'best.pt'}", f"inputs={inputs}",
-                            "predict.topk=3", "predict.grid=true"), tmp_path / "out")
+    rows = predict(
+        task_cfg(
+            "task=predict",
+            f"ckpt={trained / 'checkpoints' / 'best.pt'}",
+            f"inputs={inputs}",
+            "predict.topk=3",
+            "predict.grid=true",
+        ),
+        tmp_path / "out",
+    )
     assert len(rows) == 6
     assert "notes.txt" in caplog.text
     with open(tmp_path / "out" / "predictions.csv") as f:
@@ -101,12 +119,17 @@ def test_predict_a_single_file_and_a_glob(trained, tmp_path):
 
 def test_predict_inputs_matching_nothing(trained, tmp_path):
     with pytest.raises(UserError, match="inputs=.*matches no file"):
-        predict(task_cfg("task=predict", f"ckpt={trained / 'checkpoints' / 'best.pt'}", f"inputs={tmp_path}/*.jpg"), tmp_path)
+        predict(
+            task_cfg("task=predict", f"ckpt={trained / 'checkpoints' / 'best.pt'}", f"inputs={tmp_path}/*.jpg"),
+            tmp_path,
+        )
     only_text = tmp_path / "text"
     only_text.mkdir()
     (only_text / "a.txt").write_text("x")
     with pytest.raises(UserError, match="none of the 1 matching files"):
-        predict(task_cfg("task=predict", f"ckpt={trained / 'checkpoints' / 'best.pt'}", f"inputs={only_text}"), tmp_path)
+        predict(
+            task_cfg("task=predict", f"ckpt={trained / 'checkpoints' / 'best.pt'}", f"inputs={only_text}"), tmp_path
+        )
 
 
 def test_export_matches_the_pytorch_model(trained, tmp_path):
@@ -135,8 +158,18 @@ def test_bad_checkpoints_are_one_clear_line(trained, tmp_path, task):
     }
     for name, words in cases.items():
         result = subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), f"task={task}", f"ckpt={tmp_path / name}", f"inputs={trained}",
-             f"hydra.run.dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                str(ROOT / "run.py"),
+                f"task={task}",
+                f"ckpt={tmp_path / name}",
+                f"inputs={trained}",
+                f"hydra.run.dir={tmp_path / 'out'}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert result.returncode != 0, name
         assert "Traceback" not in result.stderr + result.stdout, name

@@ -76,8 +76,12 @@ class DataBundle:
     test: Dataset
     manifest: list[ManifestRow]  # every image's split; in-memory data sets name theirs <data set>/[part/]<index>
     skipped: list[str] = field(default_factory=list)  # "path: why" for each unreadable file the scan found
-    fingerprint: str = ""  # what the data set is: a hash of every image's split, label, name and content (splits.fingerprint)
-    test_names: list[str] = field(default_factory=list)  # the test split's images in its order, named as in the manifest
+    fingerprint: str = (
+        ""  # what the data set is: a hash of every image's split, label, name and content (splits.fingerprint)
+    )
+    test_names: list[str] = field(
+        default_factory=list
+    )  # the test split's images in its order, named as in the manifest
 
     def write_run_files(self, run_dir: Path) -> None:
         """classes.json (index -> name), splits.csv, skipped_files.txt (when any)."""
@@ -100,9 +104,13 @@ def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBund
     seed = data_cfg.split_seed
     if name == "synthetic" or name in CIFAR:
         classes, images, labels, paths, given = _in_memory(name, data_cfg)
-        bundle = _tensor_bundle(classes, images, labels, paths, assign_splits(labels, given, fractions, seed), model_cfg, data_cfg)
+        bundle = _tensor_bundle(
+            classes, images, labels, paths, assign_splits(labels, given, fractions, seed), model_cfg, data_cfg
+        )
         if manifest is not None and read_manifest(Path(manifest)) != bundle.manifest:
-            raise UserError(f"{manifest}: the run's split is not the one data={name} gives now; was the manifest edited, or the data set's settings changed?")
+            raise UserError(
+                f"{manifest}: the run's split is not the one data={name} gives now; was the manifest edited, or the data set's settings changed?"
+            )
         return bundle
     listing = _listing(name, data_cfg)
     if manifest is not None:
@@ -113,11 +121,15 @@ def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBund
 def _in_memory(name: str, data_cfg) -> tuple[list[str], torch.Tensor, list[int], list[str], list[str | None]]:
     """(classes, uint8 images, labels, a name per image for splits.csv, the split each came in)."""
     if name == "synthetic":
-        images, labels, classes = generate_synthetic(data_cfg.num_classes, data_cfg.images_per_class, data_cfg.image_size, data_cfg.split_seed)
+        images, labels, classes = generate_synthetic(
+            data_cfg.num_classes, data_cfg.images_per_class, data_cfg.image_size, data_cfg.split_seed
+        )
         return classes, images, labels, [f"synthetic/{i:06d}" for i in range(len(labels))], [None] * len(labels)
     classes, parts = cifar_tensors(name, data_root(data_cfg.root))
     (train_images, train_labels), (test_images, test_labels) = parts["train"], parts["test"]
-    paths = [f"{name}/train/{i:05d}" for i in range(len(train_labels))] + [f"{name}/test/{i:05d}" for i in range(len(test_labels))]
+    paths = [f"{name}/train/{i:05d}" for i in range(len(train_labels))] + [
+        f"{name}/test/{i:05d}" for i in range(len(test_labels))
+    ]
     given = ["train"] * len(train_labels) + ["test"] * len(test_labels)
     return classes, torch.cat([train_images, test_images]), train_labels + test_labels, paths, given
 
@@ -127,7 +139,9 @@ def _listing(name: str, data_cfg) -> Listing:
         return list_folder(locate_flowers(data_root(data_cfg.root)))
     if name == "folder":
         if _configured(data_cfg, "root") is None:
-            raise UserError("data=folder needs data.root=PATH: a folder with one folder of images per class (or train/ val/ test/ folders of those)")
+            raise UserError(
+                "data=folder needs data.root=PATH: a folder with one folder of images per class (or train/ val/ test/ folders of those)"
+            )
         return list_folder(Path(data_cfg.root).expanduser())
     if name == "flowers102":
         return flowers102_listing(data_root(data_cfg.root))
@@ -146,13 +160,23 @@ def _listing_from_manifest(root: Path, rows: list[ManifestRow], manifest: Path) 
     names: dict[int, str] = {}
     for row in rows:
         if names.setdefault(row.label, row.class_name) != row.class_name:
-            raise UserError(f"{manifest}: label {row.label} is both {names[row.label]!r} and {row.class_name!r}; was it edited?")
+            raise UserError(
+                f"{manifest}: label {row.label} is both {names[row.label]!r} and {row.class_name!r}; was it edited?"
+            )
     if sorted(names) != list(range(len(names))):
         raise UserError(f"{manifest}: labels must number the classes 0..K-1; was it edited?")
     missing = next((r.path for r in rows if not (root / r.path).is_file()), None)
     if missing:
-        raise UserError(f"{manifest}: lists {missing}, which is not in {root}; point data.root at the data set the run used")
-    return Listing(root, [names[k] for k in range(len(names))], [r.path for r in rows], [r.label for r in rows], [r.split for r in rows])
+        raise UserError(
+            f"{manifest}: lists {missing}, which is not in {root}; point data.root at the data set the run used"
+        )
+    return Listing(
+        root,
+        [names[k] for k in range(len(names))],
+        [r.path for r in rows],
+        [r.label for r in rows],
+        [r.split for r in rows],
+    )
 
 
 def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, splits_given: bool) -> DataBundle:
@@ -166,9 +190,15 @@ def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, sp
     # The split is made over every listed file, readable or not, and the unreadable ones then leave
     # their split: a file that fails to read (today only, perhaps) moves no other file.
     copies = [scan.digests.get(path) for path in listing.paths]
-    all_splits = listing.splits if splits_given else assign_splits(listing.labels, listing.splits, fractions, data_cfg.split_seed, copies)
+    all_splits = (
+        listing.splits
+        if splits_given
+        else assign_splits(listing.labels, listing.splits, fractions, data_cfg.split_seed, copies)
+    )
     kept = [i for i, path in enumerate(listing.paths) if path not in scan.skipped]
-    paths, labels, splits, digests = ([values[i] for i in kept] for values in (listing.paths, listing.labels, all_splits, copies))
+    paths, labels, splits, digests = (
+        [values[i] for i in kept] for values in (listing.paths, listing.labels, all_splits, copies)
+    )
     _require_training_images(root, classes, labels, splits, len(skipped))
     crossing = copies_across_splits(splits, digests)
     if crossing:
@@ -183,13 +213,29 @@ def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, sp
 
     def subset(split: str) -> Dataset:
         chosen = [i for i, s in enumerate(splits) if s == split]
-        return file_images(root, [paths[i] for i in chosen], [labels[i] for i in chosen], model_cfg, data_cfg,
-                           train=split == "train", cache=cache, digests=[digests[i] for i in chosen])
+        return file_images(
+            root,
+            [paths[i] for i in chosen],
+            [labels[i] for i in chosen],
+            model_cfg,
+            data_cfg,
+            train=split == "train",
+            cache=cache,
+            digests=[digests[i] for i in chosen],
+        )
 
     manifest = manifest_rows(splits, labels, classes, paths)
     test_names = [path for path, split in zip(paths, splits) if split == "test"]
-    bundle = DataBundle(classes, subset("train"), subset("val"), subset("test"), manifest, skipped,
-                        fingerprint(manifest, dict(zip(paths, digests))), test_names)
+    bundle = DataBundle(
+        classes,
+        subset("train"),
+        subset("val"),
+        subset("test"),
+        manifest,
+        skipped,
+        fingerprint(manifest, dict(zip(paths, digests))),
+        test_names,
+    )
     _log_sizes(bundle, root)
     return bundle
 
@@ -204,7 +250,9 @@ def _announce_cache_build(cache: ImageCache, side: int, digests: set[str]) -> No
         )
 
 
-def _require_training_images(root: Path, classes: list[str], labels: list[int], splits: list[str], skipped: int) -> None:
+def _require_training_images(
+    root: Path, classes: list[str], labels: list[int], splits: list[str], skipped: int
+) -> None:
     if not labels:
         raise UserError(f"data.root={root}: no readable images ({skipped} unreadable skipped)")
     total = Counter(labels)
@@ -214,11 +262,21 @@ def _require_training_images(root: Path, classes: list[str], labels: list[int], 
         if empty is not None:
             raise UserError(f"data.root={root}: class {empty!r} has {why}; add images to it or remove its folder")
     if len(classes) < 2:
-        raise UserError(f"data.root={root}: holds one class folder ({classes[0]}/); a classifier needs at least 2, "
-                        "one folder of images per class")
+        raise UserError(
+            f"data.root={root}: holds one class folder ({classes[0]}/); a classifier needs at least 2, "
+            "one folder of images per class"
+        )
 
 
-def _tensor_bundle(classes: list[str], images: torch.Tensor, labels: list[int], paths: list[str], splits: list[str], model_cfg, data_cfg) -> DataBundle:
+def _tensor_bundle(
+    classes: list[str],
+    images: torch.Tensor,
+    labels: list[int],
+    paths: list[str],
+    splits: list[str],
+    model_cfg,
+    data_cfg,
+) -> DataBundle:
     def subset(split: str, transform) -> TensorImages:
         chosen = [i for i, s in enumerate(splits) if s == split]
         return TensorImages(images[chosen], [labels[i] for i in chosen], transform)
@@ -227,15 +285,24 @@ def _tensor_bundle(classes: list[str], images: torch.Tensor, labels: list[int], 
     manifest = manifest_rows(splits, labels, classes, paths)
     test_names = [path for path, split in zip(paths, splits) if split == "test"]
     contents = {path: content_digest(image.numpy().tobytes()) for path, image in zip(paths, images)}
-    bundle = DataBundle(classes, subset("train", train), subset("val", evaluation), subset("test", evaluation), manifest,
-                        fingerprint=fingerprint(manifest, contents), test_names=test_names)
+    bundle = DataBundle(
+        classes,
+        subset("train", train),
+        subset("val", evaluation),
+        subset("test", evaluation),
+        manifest,
+        fingerprint=fingerprint(manifest, contents),
+        test_names=test_names,
+    )
     _log_sizes(bundle, "memory")
     return bundle
 
 
 def _log_sizes(bundle: DataBundle, where) -> None:
     """Log the sizes; an empty split is an error (a run would pick and score its model on nothing)."""
-    log.info(f"data: {len(bundle.classes)} class{'es' if len(bundle.classes) != 1 else ''}, {len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test images ({where})")
+    log.info(
+        f"data: {len(bundle.classes)} class{'es' if len(bundle.classes) != 1 else ''}, {len(bundle.train)} train / {len(bundle.val)} val / {len(bundle.test)} test images ({where})"
+    )
     for split in SPLITS:
         if len(getattr(bundle, split)) == 0:
             raise UserError(

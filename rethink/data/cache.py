@@ -36,7 +36,9 @@ def try_atomic_write(path: Path, data: bytes, what: str, cache_root: Path) -> bo
     except OSError as e:
         if cache_root not in _reported_failures:
             _reported_failures.add(cache_root)
-            log.warning(f"cannot write the {what} cache in {cache_root} ({e.strerror or e}); carrying on without it (set data.cache_dir)")
+            log.warning(
+                f"cannot write the {what} cache in {cache_root} ({e.strerror or e}); carrying on without it (set data.cache_dir)"
+            )
         return False
 
 

@@ -32,7 +32,9 @@ def download(url: str, dest: Path, sha256: str) -> None:
                     digest.update(chunk)
                     bar.update(len(chunk))
         if digest.hexdigest() != sha256:
-            raise UserError(f"{url}: the download's sha256 is {digest.hexdigest()}, expected {sha256}; deleted it, run again to retry")
+            raise UserError(
+                f"{url}: the download's sha256 is {digest.hexdigest()}, expected {sha256}; deleted it, run again to retry"
+            )
 
     try:
         atomic_write(dest, fetch)
@@ -57,7 +59,9 @@ def safe_extract(archive: Path, dest: Path) -> None:
             for member in members:
                 problem = _unsafe(member)
                 if problem:
-                    raise UserError(f"{archive}: refusing to extract {member.name!r} ({problem}); this is not the expected archive")
+                    raise UserError(
+                        f"{archive}: refusing to extract {member.name!r} ({problem}); this is not the expected archive"
+                    )
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(dest, members, filter="data")
             else:

@@ -29,7 +29,9 @@ def locate_flowers(root: Path) -> Path:
     archive = root / ARCHIVE
     if archive.is_file():
         if sha256_of(archive) != SHA256:
-            raise UserError(f"{archive}: sha256 differs from the published {SHA256[:12]}...; delete the file (it is damaged or another archive) and run again")
+            raise UserError(
+                f"{archive}: sha256 differs from the published {SHA256[:12]}...; delete the file (it is damaged or another archive) and run again"
+            )
     else:
         _download(archive)
     _extract(archive, folder)
@@ -46,7 +48,9 @@ def _local_copy_hint(root: Path) -> str:
 def _download(archive: Path) -> None:
     root = archive.parent
     if not downloads_allowed():
-        raise UserError(f"data=flowers: no {FOLDER}/ or {ARCHIVE} in {root} and downloads are off (RETHINK_NO_DOWNLOAD=1); {_local_copy_hint(root)}")
+        raise UserError(
+            f"data=flowers: no {FOLDER}/ or {ARCHIVE} in {root} and downloads are off (RETHINK_NO_DOWNLOAD=1); {_local_copy_hint(root)}"
+        )
     try:
         download(URL, archive, SHA256)
     except DownloadFailed as e:

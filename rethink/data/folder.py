@@ -44,7 +44,9 @@ def list_folder(root: Path) -> Listing:
         )
     duplicate = next((s for s in splits if splits.count(s) > 1), None)
     if duplicate:
-        raise UserError(f"data.root={root}: more than one folder means {duplicate} ({', '.join(f for f, s in zip(split_folders, splits) if s == duplicate)})")
+        raise UserError(
+            f"data.root={root}: more than one folder means {duplicate} ({', '.join(f for f, s in zip(split_folders, splits) if s == duplicate)})"
+        )
     train = _list_classes(root, split_folders[splits.index("train")], split="train")
     parts = [train] + [
         _list_classes(root, folder, split=split, known=train.classes)
@@ -66,12 +68,16 @@ def _list_classes(root: Path, folder: str, split: str | None, known: list[str] |
     prefix = f"{folder}/" if folder else ""
     found_classes = _subfolders(where)
     if not found_classes:
-        raise UserError(f"data.root={root}: {where} holds no class folders; put the images of each class in a folder named for it")
+        raise UserError(
+            f"data.root={root}: {where} holds no class folders; put the images of each class in a folder named for it"
+        )
     classes = known or found_classes
     index = {name: i for i, name in enumerate(classes)}
     strangers = [c for c in found_classes if c not in index]
     if strangers:
-        raise UserError(f"data.root={root}: {prefix}{strangers[0]}/ is a class that train/ does not have; every class needs training images")
+        raise UserError(
+            f"data.root={root}: {prefix}{strangers[0]}/ is a class that train/ does not have; every class needs training images"
+        )
     paths, labels = [], []
     for name in found_classes:
         images = _image_files(where / name)
@@ -92,5 +98,9 @@ def _image_files(folder: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(folder).as_posix()
-        found += [name if rel == "." else f"{rel}/{name}" for name in filenames if is_image_file(name) and not name.startswith(".")]
+        found += [
+            name if rel == "." else f"{rel}/{name}"
+            for name in filenames
+            if is_image_file(name) and not name.startswith(".")
+        ]
     return sorted(found)

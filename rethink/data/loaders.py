@@ -82,7 +82,9 @@ def make_loader(
         raise UserError(f"data.batch_size={batch_size}: must be at least 1")
     workers = default_num_workers() if data_cfg.num_workers is None else data_cfg.num_workers
     if workers < 0:
-        raise UserError(f"data.num_workers={workers}: must be 0 (load in the main process) or more; null picks min(8, CPUs)")
+        raise UserError(
+            f"data.num_workers={workers}: must be 0 (load in the main process) or more; null picks min(8, CPUs)"
+        )
     indices = range(len(dataset))
     if limit_batches is not None and not train:
         indices = stratified_subset(dataset.labels, limit_batches * batch_size, data_cfg.split_seed)

@@ -58,10 +58,14 @@ _PERIOD = 1 << 16  # a texture's period in its integer phase
 _NOISE_TAG = 0x6E6F697365  # "noise": the bank's stream, apart from the classes' streams [seed, k]
 
 
-def generate_synthetic(num_classes: int, images_per_class: int, image_size: int, seed: int) -> tuple[torch.Tensor, list[int], list[str]]:
+def generate_synthetic(
+    num_classes: int, images_per_class: int, image_size: int, seed: int
+) -> tuple[torch.Tensor, list[int], list[str]]:
     """(uint8 images N x 3 x size x size, labels, class names), class by class."""
     if not 2 <= num_classes <= len(PATTERNS):
-        raise UserError(f"data.num_classes={num_classes}: data=synthetic has 2 to {len(PATTERNS)} classes ({', '.join(PATTERNS)})")
+        raise UserError(
+            f"data.num_classes={num_classes}: data=synthetic has 2 to {len(PATTERNS)} classes ({', '.join(PATTERNS)})"
+        )
     if images_per_class < 1:
         raise UserError(f"data.images_per_class={images_per_class}: must be at least 1")
     if image_size < 16:
@@ -70,7 +74,9 @@ def generate_synthetic(num_classes: int, images_per_class: int, image_size: int,
     images = torch.from_numpy(np.empty((num_classes * images_per_class, 3, image_size, image_size), np.uint8))
     bank = _noise_bank(image_size, np.random.default_rng([seed, _NOISE_TAG]))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the steps are short: a second thread that waits on a busy core costs far more than it saves
+    torch.set_num_threads(
+        1
+    )  # the steps are short: a second thread that waits on a busy core costs far more than it saves
     try:
         for k in range(num_classes):
             _draw(k, images[k * images_per_class : (k + 1) * images_per_class], np.random.default_rng([seed, k]), bank)
@@ -100,7 +106,10 @@ def _draw(pattern: int, out: torch.Tensor, rng: np.random.Generator, bank: torch
     phase = column(0, 2 * np.pi)
     foreground = rng.uniform(0, 1, (n, 3))
     background = (foreground + rng.uniform(0.35, 0.65, (n, 3))) % 1.0  # every channel contrasts
-    foreground, background = (foreground * 255).astype(np.float32), (background * 255).astype(np.float32)  # uint8 levels
+    foreground, background = (
+        (foreground * 255).astype(np.float32),
+        (background * 255).astype(np.float32),
+    )  # uint8 levels
     slope_x, slope_y = column(-1, 1), column(-1, 1)
 
     one = float(1 << _FIXED)
@@ -126,7 +135,9 @@ def _draw(pattern: int, out: torch.Tensor, rng: np.random.Generator, bank: torch
         geometry = _Geometry(centre_x[i], centre_y[i], angle[i], radius[i], period[i], phase[i], size)
         mask = _mask(PATTERNS[pattern], geometry)  # count x 1 x size x size: -1 on the pattern, else 0
         torch.add(lit_row[i, :, None, :], lit_column[i, :, :, None], out=img)
-        torch.bitwise_xor(img, ink[i, :, None, None], out=tmp)  # select the ink where the mask is: img ^= (img ^ ink) & mask
+        torch.bitwise_xor(
+            img, ink[i, :, None, None], out=tmp
+        )  # select the ink where the mask is: img ^= (img ^ ink) & mask
         tmp.bitwise_and_(mask)
         img.bitwise_xor_(tmp)
         for j, (start_at, add) in enumerate(zip(window_at[i].tolist(), adds[i].tolist())):
@@ -248,4 +259,3 @@ def _texture(pattern: str, g: _Geometry) -> torch.Tensor:
         wave_u, wave_v = (np.cos(g.wave(name).numpy().astype(np.float32) * np.float32(to_angle)) for name in "uv")
         return torch.from_numpy(wave_u * wave_v > 0.5).to(torch.int16).neg_()
     raise ValueError(pattern)
-

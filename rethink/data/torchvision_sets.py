@@ -52,4 +52,6 @@ def _open(name: str, dataset_class, root: Path, **kwargs):
         why = "downloads are off: RETHINK_NO_DOWNLOAD=1" if not allowed else f"torchvision: {str(e).splitlines()[0]}"
         raise UserError(f"data={name}: not found in {root} ({why}); {where}") from None
     except OSError as e:  # includes urllib's URLError
-        raise UserError(f"data={name}: cannot download it into {root} ({getattr(e, 'reason', None) or e}); {where}") from None
+        raise UserError(
+            f"data={name}: cannot download it into {root} ({getattr(e, 'reason', None) or e}); {where}"
+        ) from None

@@ -26,7 +26,9 @@ from ..errors import UserError
 def eval_resize(model_cfg, data_cfg) -> int:
     crop_pct = float(data_cfg.crop_pct)
     if not 0 < crop_pct <= 1:
-        raise UserError(f"data.crop_pct={crop_pct}: must be in (0, 1], the fraction of the resized image the centre crop keeps")
+        raise UserError(
+            f"data.crop_pct={crop_pct}: must be in (0, 1], the fraction of the resized image the centre crop keeps"
+        )
     return round(model_cfg.eval_size / crop_pct)
 
 
@@ -103,9 +105,13 @@ class RandAugment(v2.RandAugment):
 
     def __init__(self, level: float = 3.0):
         if not 0 <= level <= MAX_RANDAUG_LEVEL:
-            raise UserError(f"RandAugment magnitude {level:g}: must be in [0, {MAX_RANDAUG_LEVEL}] (the papers' scale, where 10 is torchvision's strongest)")
+            raise UserError(
+                f"RandAugment magnitude {level:g}: must be in [0, {MAX_RANDAUG_LEVEL}] (the papers' scale, where 10 is torchvision's strongest)"
+            )
         magnitude_bin = round(level * RANDAUG_BINS_PER_LEVEL)
-        super().__init__(magnitude=magnitude_bin, num_magnitude_bins=max(RANDAUG_BINS_PER_LEVEL * 10, magnitude_bin) + 1)
+        super().__init__(
+            magnitude=magnitude_bin, num_magnitude_bins=max(RANDAUG_BINS_PER_LEVEL * 10, magnitude_bin) + 1
+        )
         self.level = magnitude_bin / RANDAUG_BINS_PER_LEVEL
 
     def _apply_image_or_video_transform(self, image, transform_id, magnitude, interpolation, fill):

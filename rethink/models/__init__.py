@@ -8,7 +8,15 @@ from .efficientnet import EfficientNet
 from .pretrained import LoadReport, load_torchvision_weights
 from .spec import NetworkSpec, SpecError, network_spec
 
-__all__ = ["EfficientNet", "LoadReport", "NetworkSpec", "build_model", "create_model", "load_torchvision_weights", "network_spec"]
+__all__ = [
+    "EfficientNet",
+    "LoadReport",
+    "NetworkSpec",
+    "build_model",
+    "create_model",
+    "load_torchvision_weights",
+    "network_spec",
+]
 
 
 def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> EfficientNet:

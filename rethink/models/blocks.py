@@ -14,7 +14,9 @@ from .spec import expanded_channels, squeeze_channels
 class ConvBNAct(nn.Sequential):
     """Conv (no bias, 'same' padding) -> BatchNorm -> SiLU (or nothing when act=False)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, act=True, bn_eps=1e-5, bn_momentum=0.1):
+    def __init__(
+        self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, act=True, bn_eps=1e-5, bn_momentum=0.1
+    ):
         super().__init__()
         self.conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding=(kernel_size - 1) // 2, groups=groups, bias=False
@@ -112,4 +114,3 @@ class FusedMBConv(nn.Module):
 
 
 BLOCKS = {"mbconv": MBConv, "fused": FusedMBConv}
-

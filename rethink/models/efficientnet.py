@@ -129,7 +129,11 @@ def _checkpointed(stage: nn.Module, x):
 
 @contextmanager
 def _statistics_kept(stage: nn.Module):
-    norms = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    norms = [
+        m
+        for m in stage.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0

@@ -155,12 +155,16 @@ def fetch_torchvision_weights(name: str) -> tuple[dict, list[float], list[float]
     try:
         weights = torchvision.models.get_weight(name)
     except (ValueError, KeyError, AttributeError):
-        raise UserError(f"model.torchvision_weights={name}: not a torchvision weights name (e.g. EfficientNet_B0_Weights.IMAGENET1K_V1)") from None
+        raise UserError(
+            f"model.torchvision_weights={name}: not a torchvision weights name (e.g. EfficientNet_B0_Weights.IMAGENET1K_V1)"
+        ) from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     hint = f"copy {cached.name} into {cached.parent}, or pass model.pretrained=PATH to a state_dict file"
     was_cached = cached.is_file()
     if not was_cached and not downloads_allowed():
-        raise UserError(f"model.pretrained=true: {name} is not in the torch hub cache and downloads are off (RETHINK_NO_DOWNLOAD=1); {hint}")
+        raise UserError(
+            f"model.pretrained=true: {name} is not in the torch hub cache and downloads are off (RETHINK_NO_DOWNLOAD=1); {hint}"
+        )
     try:
         # torch.hub prints 'Downloading: "<url>"' before it tries, so an offline run would print it
         # above its error; we say what was downloaded once it has been
@@ -175,18 +179,24 @@ def fetch_torchvision_weights(name: str) -> tuple[dict, list[float], list[float]
     return state_dict, list(preset.mean), list(preset.std)
 
 
-def load_pretrained(model: nn.Module, pretrained: Any, torchvision_weights: Optional[str]) -> tuple[LoadReport, Optional[tuple]]:
+def load_pretrained(
+    model: nn.Module, pretrained: Any, torchvision_weights: Optional[str]
+) -> tuple[LoadReport, Optional[tuple]]:
     """`model.pretrained`: true (torchvision's ImageNet weights for this model) or a path to a state_dict
     file (torchvision's names or ours, or a rethink checkpoint). Returns the load report and, for
     torchvision's weights, their (mean, std)."""
     if pretrained is True or str(pretrained).lower() == "true":
         if not torchvision_weights:
-            raise UserError("model.pretrained=true: this model config names no model.torchvision_weights; pass model.pretrained=PATH")
+            raise UserError(
+                "model.pretrained=true: this model config names no model.torchvision_weights; pass model.pretrained=PATH"
+            )
         state_dict, mean, std = fetch_torchvision_weights(torchvision_weights)
         return load_torchvision_weights(model, state_dict), (mean, std)
     path = Path(str(pretrained)).expanduser()
     if not path.is_file():
-        raise UserError(f"model.pretrained={pretrained}: no such file; use false, true (torchvision's ImageNet weights) or a path to a state_dict")
+        raise UserError(
+            f"model.pretrained={pretrained}: no such file; use false, true (torchvision's ImageNet weights) or a path to a state_dict"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

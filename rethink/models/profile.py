@@ -27,7 +27,17 @@ def stage_table(model: EfficientNet) -> list[dict]:
     rows = [_row("stem", "conv3x3", 1, 3, 2, spec.stem, 1, 0.0, count_params(model.stem))]
     for i, (stage, module) in enumerate(zip(spec.stages, model.stages)):
         rows.append(
-            _row(i, stage.block, stage.expand, stage.kernel, stage.stride, stage.out, stage.repeats, stage.se, count_params(module))
+            _row(
+                i,
+                stage.block,
+                stage.expand,
+                stage.kernel,
+                stage.stride,
+                stage.out,
+                stage.repeats,
+                stage.se,
+                count_params(module),
+            )
         )
     head_params = count_params(model.head) + count_params(model.classifier)
     rows.append(_row("head", "conv1x1+fc", 1, 1, 1, spec.head, 1, 0.0, head_params))
@@ -35,4 +45,14 @@ def stage_table(model: EfficientNet) -> list[dict]:
 
 
 def _row(stage, block, expand, kernel, stride, channels, repeats, se, params) -> dict:
-    return dict(stage=stage, block=block, expand=expand, kernel=kernel, stride=stride, channels=channels, repeats=repeats, se=se, params=params)
+    return dict(
+        stage=stage,
+        block=block,
+        expand=expand,
+        kernel=kernel,
+        stride=stride,
+        channels=channels,
+        repeats=repeats,
+        se=se,
+        params=params,
+    )

@@ -141,7 +141,9 @@ class SeedPipeline:
 
     def __init__(self, files: FileImages, size: int, mean, std):
         self.files = files
-        self.transform = v1.Compose([v1.RandomResizedCrop(size), v1.RandomHorizontalFlip(), v1.ToTensor(), v1.Normalize(list(mean), list(std))])
+        self.transform = v1.Compose(
+            [v1.RandomResizedCrop(size), v1.RandomHorizontalFlip(), v1.ToTensor(), v1.Normalize(list(mean), list(std))]
+        )
 
     def __getitem__(self, index: int):
         image = Image.open(self.files.root / self.files.paths[index]).convert("RGB")
@@ -177,7 +179,9 @@ def _file_data(data_cfg: DictConfig, tmp: Path, count: int) -> tuple[DictConfig,
         return data_cfg, f"data={name}"
     folder = tmp / "images"
     write_photo_like_jpegs(folder, count)
-    generated = OmegaConf.merge(data_cfg, {"name": "folder", "root": str(folder), "cache_dir": str(tmp / "cache"), "cache": True})
+    generated = OmegaConf.merge(
+        data_cfg, {"name": "folder", "root": str(folder), "cache_dir": str(tmp / "cache"), "cache": True}
+    )
     return generated, f"{count} generated {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEGs (quality 90), data={name} has no files"
 
 
@@ -188,8 +192,14 @@ def write_photo_like_jpegs(folder: Path, count: int, seed: int = 0, classes: int
     width, height = PHOTO_SIZE
     for i in range(count):
         coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
-        detail = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
-        pixels = 0.7 * np.asarray(coarse, np.float32) + 0.3 * np.asarray(detail, np.float32) + rng.normal(0, 4, (height, width, 3))
+        detail = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).resize(
+            (width, height), Image.BICUBIC
+        )
+        pixels = (
+            0.7 * np.asarray(coarse, np.float32)
+            + 0.3 * np.asarray(detail, np.float32)
+            + rng.normal(0, 4, (height, width, 3))
+        )
         path = folder / f"class_{i % classes}" / f"photo_{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)

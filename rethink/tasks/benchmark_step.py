@@ -95,25 +95,34 @@ def measure(cfg: DictConfig) -> dict:
     t, b = cfg.trainer, cfg.benchmark
     size, batch = b.image_size or cfg.model.train_size, batch_size(cfg)
     device, plans = plan(cfg)
-    builders = [(name, partial(_ours, name, run_cfg, device, precision, size, batch)) for name, run_cfg, precision in plans]
+    builders = [
+        (name, partial(_ours, name, run_cfg, device, precision, size, batch)) for name, run_cfg, precision in plans
+    ]
     skipped = _torchvision_mismatch(cfg) if b.torchvision else "benchmark.torchvision=false"
     if skipped is None:
-        builders[1:1] = [("torchvision", partial(_torchvision_plain, cfg, device, size, batch)),
-                         ("torchvision_our_settings", partial(_torchvision_ours, cfg, device, plans[0][2], size, batch))]
+        builders[1:1] = [
+            ("torchvision", partial(_torchvision_plain, cfg, device, size, batch)),
+            ("torchvision_our_settings", partial(_torchvision_ours, cfg, device, plans[0][2], size, batch)),
+        ]
     else:
         log.info(f"torchvision not timed: {skipped}")
     threads, cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
     runs: list[Run] = []
     try:
         cpu_threads = set_cpu_threads(t.cpu_threads)
-        torch.backends.cudnn.benchmark = t.cudnn_benchmark is not False and device.type == "cuda"  # auto: a benchmark is all steady steps
+        torch.backends.cudnn.benchmark = (
+            t.cudnn_benchmark is not False and device.type == "cuda"
+        )  # auto: a benchmark is all steady steps
         for name, build in builders:
             runs.append(_prepared(name, build, b.warmup_steps, device))
         for r in range(b.rounds):
-            for run in runs[r % len(runs):] + runs[: r % len(runs)]:
+            for run in runs[r % len(runs) :] + runs[: r % len(runs)]:
                 if run.error is None:
                     _time_round(run, b.steps, batch, device)
-        return {**_report(cfg, runs, device, cpu_threads, size, batch, skipped), "cudnn_benchmark": torch.backends.cudnn.benchmark}
+        return {
+            **_report(cfg, runs, device, cpu_threads, size, batch, skipped),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        }
     finally:
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -147,9 +156,13 @@ def variant_config(cfg: DictConfig, spec: str) -> DictConfig:
         key, sep, setting = part.partition(":")
         key = key.strip().removeprefix("trainer.")
         if not sep or key not in BENCHMARK_VARIANTS:
-            raise UserError(f"benchmark.variants: '{spec}': each setting is key:value with key one of {', '.join(BENCHMARK_VARIANTS)} (several joined by +)")
+            raise UserError(
+                f"benchmark.variants: '{spec}': each setting is key:value with key one of {', '.join(BENCHMARK_VARIANTS)} (several joined by +)"
+            )
         try:
-            OmegaConf.update(changed, f"trainer.{key}", yaml.safe_load(setting.strip()))  # as the command line reads it: true, 4, fp16
+            OmegaConf.update(
+                changed, f"trainer.{key}", yaml.safe_load(setting.strip())
+            )  # as the command line reads it: true, 4, fp16
         except OmegaConfBaseException:
             raise UserError(f"benchmark.variants: '{spec}': trainer.{key} cannot be '{setting.strip()}'") from None
     try:
@@ -190,7 +203,9 @@ def _torchvision_ours(cfg: DictConfig, device: torch.device, precision: Precisio
     return run
 
 
-def _learner_run(name: str, model, cfg: DictConfig, device, precision: Precision, size: int, batch: int, before: float) -> Run:
+def _learner_run(
+    name: str, model, cfg: DictConfig, device, precision: Precision, size: int, batch: int, before: float
+) -> Run:
     """A run through the trainer's `Learner`, built as `fit` builds it."""
     t = cfg.trainer
     model.to(device).train()
@@ -198,7 +213,9 @@ def _learner_run(name: str, model, cfg: DictConfig, device, precision: Precision
         model.to(memory_format=torch.channels_last)
     micro = micro_batch(batch, t.grad_accumulation, name)
     compiled = t.compile is True  # auto: off, as for a run too short to repay compiling; see benchmark.variants
-    graphs = cuda_graphs_choice(t.cuda_graphs, device.type, micro, 1, t.grad_accumulation, bool(t.grad_checkpointing), compiled).on
+    graphs = cuda_graphs_choice(
+        t.cuda_graphs, device.type, micro, 1, t.grad_accumulation, bool(t.grad_checkpointing), compiled
+    ).on
     module, trained = forward_modules(model, compiled, graphs, precision.autocast)
     inputs = Inputs(device, tuple(cfg.model.mean), tuple(cfg.model.std), t.channels_last)
     learner = build_learner(cfg, Network(model, module, trained, inputs), precision, SCHEDULED_STEPS, NUM_CLASSES)
@@ -213,9 +230,17 @@ def _learner_run(name: str, model, cfg: DictConfig, device, precision: Precision
         with precision.autocast():
             return module(inputs(parts[0][0]))
 
-    settings = dict(model="rethink", loop="Learner", memory_format="channels_last" if t.channels_last else "NCHW",
-                    precision=precision.name, compile=compiled, cuda_graphs=graphs, ema=bool(t.ema), grad_accumulation=t.grad_accumulation,
-                    grad_checkpointing=bool(t.grad_checkpointing))
+    settings = dict(
+        model="rethink",
+        loop="Learner",
+        memory_format="channels_last" if t.channels_last else "NCHW",
+        precision=precision.name,
+        compile=compiled,
+        cuda_graphs=graphs,
+        ema=bool(t.ema),
+        grad_accumulation=t.grad_accumulation,
+        grad_checkpointing=bool(t.grad_checkpointing),
+    )
     return Run(name, settings, step, forward, own_mb=-before)
 
 
@@ -247,14 +272,25 @@ def _torchvision_plain(cfg: DictConfig, device: torch.device, size: int, batch: 
         with precision.autocast():
             return model(x)
 
-    settings = dict(model="torchvision", loop="plain", memory_format="NCHW", precision=precision.name, compile=False, cuda_graphs=False,
-                    ema=False, grad_accumulation=1, grad_checkpointing=False)
+    settings = dict(
+        model="torchvision",
+        loop="plain",
+        memory_format="NCHW",
+        precision=precision.name,
+        compile=False,
+        cuda_graphs=False,
+        ema=False,
+        grad_accumulation=1,
+        grad_checkpointing=False,
+    )
     return Run("torchvision", settings, step, forward, own_mb=-before)
 
 
 def _torchvision_model(cfg: DictConfig):
     m = cfg.model
-    return getattr(torchvision.models, f"efficientnet_{m.name}")(num_classes=NUM_CLASSES, dropout=m.dropout, stochastic_depth_prob=m.drop_path_rate)
+    return getattr(torchvision.models, f"efficientnet_{m.name}")(
+        num_classes=NUM_CLASSES, dropout=m.dropout, stochastic_depth_prob=m.drop_path_rate
+    )
 
 
 def _torchvision_mismatch(cfg: DictConfig) -> Optional[str]:
@@ -333,7 +369,21 @@ def _time_round(run: Run, steps: int, batch: int, device: torch.device) -> None:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _libc():
@@ -365,15 +415,28 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _report(cfg: DictConfig, runs: list[Run], device: torch.device, cpu_threads: int, size: int, batch: int, skipped: Optional[str]) -> dict:
+def _report(
+    cfg: DictConfig,
+    runs: list[Run],
+    device: torch.device,
+    cpu_threads: int,
+    size: int,
+    batch: int,
+    skipped: Optional[str],
+) -> dict:
     b = cfg.benchmark
     by_name = {}
     for run in runs:
         if run.error and not run.img_s:
             by_name[run.name] = dict(settings=run.settings, error=run.error)
             continue
-        entry = dict(settings=run.settings, img_s=round(statistics.median(run.img_s), 2),
-                     img_s_min=round(min(run.img_s), 2), img_s_max=round(max(run.img_s), 2), img_s_rounds=[round(r, 2) for r in run.img_s])
+        entry = dict(
+            settings=run.settings,
+            img_s=round(statistics.median(run.img_s), 2),
+            img_s_min=round(min(run.img_s), 2),
+            img_s_max=round(max(run.img_s), 2),
+            img_s_rounds=[round(r, 2) for r in run.img_s],
+        )
         if run.img_per_cpu_s:
             entry["img_per_cpu_s"] = round(statistics.median(run.img_per_cpu_s), 2)
         entry["peak_memory_mb"] = round(run.own_mb + max(run.rise_mb), 1) if run.rise_mb else None
@@ -384,16 +447,27 @@ def _report(cfg: DictConfig, runs: list[Run], device: torch.device, cpu_threads:
             entry["error"] = f"{run.error} after {len(run.img_s)} rounds"
         by_name[run.name] = entry
     ratios = {}
-    pairs = [("ours", "torchvision"), ("ours", "torchvision_our_settings")] + [(r.name, "ours") for r in runs if r.name.startswith("ours+")]
+    pairs = [("ours", "torchvision"), ("ours", "torchvision_our_settings")] + [
+        (r.name, "ours") for r in runs if r.name.startswith("ours+")
+    ]
     for a, c in pairs:
         if "img_s" in by_name.get(a, {}) and "img_s" in by_name.get(c, {}):
             ratios[f"{a}/{c}"] = _ratio(by_name[a], by_name[c])
     return dict(
-        model=cfg.model.name, image_size=size, batch_size=batch, num_classes=NUM_CLASSES,
-        device=str(device), device_name=_device_name(device), cpu_threads=cpu_threads if device.type == "cpu" else None,
-        rounds=b.rounds, steps_per_round=b.steps, warmup_steps=b.warmup_steps,
+        model=cfg.model.name,
+        image_size=size,
+        batch_size=batch,
+        num_classes=NUM_CLASSES,
+        device=str(device),
+        device_name=_device_name(device),
+        cpu_threads=cpu_threads if device.type == "cpu" else None,
+        rounds=b.rounds,
+        steps_per_round=b.steps,
+        warmup_steps=b.warmup_steps,
         memory="cuda_allocated" if device.type == "cuda" else ("cpu_allocated" if _LIBC is not None else None),
-        torchvision=skipped or "timed", runs=by_name, ratios=ratios,
+        torchvision=skipped or "timed",
+        runs=by_name,
+        ratios=ratios,
     )
 
 
@@ -421,7 +495,9 @@ def _device_name(device: torch.device) -> str:
 def format_training(result: dict) -> str:
     """The printed table of the training-step part."""
     threads = result["cpu_threads"]
-    where = f"{result['device_name']}, {threads} thread{'s' if threads != 1 else ''}" if threads else result["device_name"]
+    where = (
+        f"{result['device_name']}, {threads} thread{'s' if threads != 1 else ''}" if threads else result["device_name"]
+    )
     runs, ours = result["runs"], result["runs"]["ours"]
     cpu_time = any("img_per_cpu_s" in r for r in runs.values())
 
@@ -431,7 +507,8 @@ def format_training(result: dict) -> str:
     lines = [
         f"training step: {result['model']}, {result['image_size']} px, {result['batch_size']} images per optimizer step, "
         f"{result['device']} ({where}); median of {result['rounds']} rounds x {result['steps_per_round']} steps",
-        f"  {'run':38s} {'layout':13s} {'prec':4s} {'img/s':>8s} {'min-max':>13s}" + (f" {'img/cpu-s':>9s}" if cpu_time else "")
+        f"  {'run':38s} {'layout':13s} {'prec':4s} {'img/s':>8s} {'min-max':>13s}"
+        + (f" {'img/cpu-s':>9s}" if cpu_time else "")
         + f" {'x ours':>6s} {'peak MiB':>9s} {'x ours':>6s} {'saved MiB':>9s} {'x ours':>6s}",
     ]
     for name, r in runs.items():
@@ -439,14 +516,17 @@ def format_training(result: dict) -> str:
             lines.append(f"  {name[:38]:38s} {r['error']}")
             continue
         s = r["settings"]
-        extras = [k for k in ("compile", "cuda_graphs", "ema", "grad_checkpointing") if s.get(k)] + ([f"accumulation {s['grad_accumulation']}"] if s["grad_accumulation"] > 1 else [])
+        extras = [k for k in ("compile", "cuda_graphs", "ema", "grad_checkpointing") if s.get(k)] + (
+            [f"accumulation {s['grad_accumulation']}"] if s["grad_accumulation"] > 1 else []
+        )
         label = f"{name} ({', '.join(extras)})" if extras and not name.startswith("ours+") else name
         peak, saved = r["peak_memory_mb"], r["saved_for_backward_mb"]
         lines.append(
             f"  {label[:38]:38s} {s['memory_format']:13s} {s['precision']:4s} {r['img_s']:8.1f} {r['img_s_min']:6.1f}-{r['img_s_max']:<6.1f}"
             + (f" {r.get('img_per_cpu_s', 0):9.1f}" if cpu_time else "")
             + f" {times(r['img_s'], ours.get('img_s'))} {_cell(peak)} {times(peak, ours.get('peak_memory_mb'))}"
-            + f" {_cell(saved)} {times(saved, ours.get('saved_for_backward_mb'))}" + (f"  {r['error']}" if "error" in r else "")
+            + f" {_cell(saved)} {times(saved, ours.get('saved_for_backward_mb'))}"
+            + (f"  {r['error']}" if "error" in r else "")
         )
     if result["torchvision"] != "timed":
         lines.append(f"  (torchvision not timed: {result['torchvision']})")

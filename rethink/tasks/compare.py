@@ -127,8 +127,19 @@ def read_run(folder: Path) -> Optional[Run]:
         flat[FINGERPRINT] = recorded["data_fingerprint"]
     results = read_test_results(folder / TEST_RESULTS) if state == DONE else None
     classes = _load_json(folder / "classes.json")
-    return Run(folder, config, flat, state, metrics or {}, curves, note, provenance=recorded, test_results=results,
-               hparams=hparams, classes=len(classes) if isinstance(classes, list) else None)
+    return Run(
+        folder,
+        config,
+        flat,
+        state,
+        metrics or {},
+        curves,
+        note,
+        provenance=recorded,
+        test_results=results,
+        hparams=hparams,
+        classes=len(classes) if isinstance(classes, list) else None,
+    )
 
 
 def read_test_results(path: Path) -> Optional[TestResults]:
@@ -182,7 +193,11 @@ def _state_from_log(path: Path) -> tuple[Optional[str], str]:
 
 # The curves a run's TensorBoard events give, by the tags that hold them: the EMA weights' where the run kept
 # them (they picked its best checkpoint)
-CURVE_TAGS = {"val_acc": ("val_ema/acc", "val/acc"), "val_loss": ("val_ema/loss", "val/loss"), "train_loss": ("train/loss",)}
+CURVE_TAGS = {
+    "val_acc": ("val_ema/acc", "val/acc"),
+    "val_loss": ("val_ema/loss", "val/loss"),
+    "train_loss": ("train/loss",),
+}
 
 
 def _read_events(folder: Path) -> tuple[dict, dict, bool]:
@@ -210,8 +225,11 @@ def _read_events(folder: Path) -> tuple[dict, dict, bool]:
     start, end = session.get(metadata.SESSION_START_INFO_TAG), session.get(metadata.SESSION_END_INFO_TAG)
     hparams = {}
     if start is not None:
-        hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in metadata.parse_session_start_info_plugin_data(start).hparams.items()
-                   if v.WhichOneof("kind") in ("number_value", "string_value", "bool_value")}
+        hparams = {
+            k: getattr(v, v.WhichOneof("kind"))
+            for k, v in metadata.parse_session_start_info_plugin_data(start).hparams.items()
+            if v.WhichOneof("kind") in ("number_value", "string_value", "bool_value")
+        }
     failed = end is not None and metadata.parse_session_end_info_plugin_data(end).status == api_pb2.STATUS_FAILURE
     return curves, hparams, failed
 
@@ -472,7 +490,9 @@ def summarise(number: int, group: Group, confidence: float) -> dict:
         "runs": _states(group.runs),
         "test_acc_mean": test.mean,
         "test_acc_std": test.std,
-        "test_acc_ci_low": max(0.0, test.ci[0]) if test.ci else None,  # an accuracy lies in 0-1: the interval is cut there
+        "test_acc_ci_low": max(0.0, test.ci[0])
+        if test.ci
+        else None,  # an accuracy lies in 0-1: the interval is cut there
         "test_acc_ci_high": min(1.0, test.ci[1]) if test.ci else None,
         "runs_at_chance": sum(at_chance(run, confidence) for run in done),
         "best_val_acc_mean": best_val.mean,
@@ -597,6 +617,8 @@ def pooled_warnings(groups: Sequence[Group]) -> list[str]:
                     "includes whatever they change"
                 )
     return found
+
+
 def at_chance(run: Run, confidence: float) -> bool:
     """Whether a finished run's test accuracy is no better than guessing among its classes (1/classes): a one-sided
     binomial test on its test images at level 1 - confidence (without their count: not above 1/classes)."""
@@ -650,13 +672,18 @@ def write_comparison(comparison: Comparison, out_dir: Path, swept: Sequence[str]
     atomic_write_text(out_dir / "verdicts.csv", _csv(comparison.verdicts))
     try:
         write_tensorboard(comparison, out_dir, swept)
-        board = f"; TensorBoard: tensorboard --logdir {out_dir} (HPARAMS, and the groups' mean curves under Custom Scalars)"
+        board = (
+            f"; TensorBoard: tensorboard --logdir {out_dir} (HPARAMS, and the groups' mean curves under Custom Scalars)"
+        )
     except Exception as e:  # the files above are the comparison; TensorBoard's view of it must not take them down
         log.warning(f"could not write TensorBoard's view of the comparison into {out_dir / 'groups'}: {e!r}")
         board = ""
     print(table, end="")
-    print(f"wrote {out_dir / 'comparison.md'}, comparison.csv, verdicts.csv"
-          + (", accuracy_vs_cost.png, val_curves.png" if finished else "") + board)
+    print(
+        f"wrote {out_dir / 'comparison.md'}, comparison.csv, verdicts.csv"
+        + (", accuracy_vs_cost.png, val_curves.png" if finished else "")
+        + board
+    )
     return table
 
 
@@ -719,9 +746,11 @@ def markdown(comparison: Comparison) -> str:
     for row, group in chance:
         classes = {run.classes for run in group.done if run.classes}
         level = ", ".join(f"{100 / k:.2f}% on {k} classes" for k in sorted(classes))
-        lines.append(f"- **#{row['group']}: {row['runs_at_chance']} of {len(group.done)} finished runs no better than chance** "
-                     f"({level}; a one-sided binomial test on their test images): such runs did not learn, and a verdict on "
-                     "them says nothing about their networks; train longer, or check the data and the learning rate.")
+        lines.append(
+            f"- **#{row['group']}: {row['runs_at_chance']} of {len(group.done)} finished runs no better than chance** "
+            f"({level}; a one-sided binomial test on their test images): such runs did not learn, and a verdict on "
+            "them says nothing about their networks; train longer, or check the data and the learning rate."
+        )
     if chance:
         lines.append("")
     if comparison.verdicts:
@@ -957,7 +986,9 @@ def _val_curves(comparison: Comparison):
             continue
         epochs, mean, std = mean_curve(curves)
         mean, std = 100 * mean, 100 * std
-        (line,) = axes.plot(epochs, mean, marker="o", markersize=3, label=f"#{number} {group.name} ({len(curves)} seeds)")
+        (line,) = axes.plot(
+            epochs, mean, marker="o", markersize=3, label=f"#{number} {group.name} ({len(curves)} seeds)"
+        )
         axes.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes.set_xlabel("epoch")
     axes.xaxis.get_major_locator().set_params(integer=True)

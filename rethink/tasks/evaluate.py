@@ -31,8 +31,13 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
             f"data: its classes {data.classes} are not the checkpoint's {classes}; evaluate on data with the same class folders"
         )
     split = cfg.eval.split.value
-    loader = make_loader(getattr(data, split), run_cfg.data, train=False, seed=run_cfg.seed,
-                         pin_memory=restored.inputs.device.type == "cuda")
+    loader = make_loader(
+        getattr(data, split),
+        run_cfg.data,
+        train=False,
+        seed=run_cfg.seed,
+        pin_memory=restored.inputs.device.type == "cuda",
+    )
     result = run_evaluation(restored.model, loader, restored.inputs, restored.precision, len(classes))
     scores = per_class_scores(result.confusion, classes)
     used_ema = bool(cfg.eval.ema and state.get("ema"))
@@ -76,6 +81,8 @@ def format_report(report: dict) -> str:
         f"{'class':<{width}}  precision  recall      f1  support",
     ]
     for r in report["per_class"]:
-        lines.append(f"{r['cls']:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7}")
+        lines.append(
+            f"{r['cls']:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7}"
+        )
     lines.append(f"{split} acc {report[f'{split}_acc']:.4f}   {split} loss {report[f'{split}_loss']:.4f}")
     return "\n".join(lines)

@@ -42,16 +42,28 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
 
     if cfg.export.onnx and importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript"):
         onnx_path = run_dir / "model.onnx"
-        torch.onnx.export(model, (sample,), str(onnx_path), input_names=["images"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False)
+        torch.onnx.export(
+            model,
+            (sample,),
+            str(onnx_path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: batch}},
+            dynamo=True,
+            verbose=False,
+        )
         if importlib.util.find_spec("onnxruntime"):
             import onnxruntime
 
             session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            checks["model.onnx"] = _max_diff(torch.from_numpy(session.run(None, {"images": sample.numpy()})[0]), expected)
+            checks["model.onnx"] = _max_diff(
+                torch.from_numpy(session.run(None, {"images": sample.numpy()})[0]), expected
+            )
         else:
             checks["model.onnx"] = None
-            log.warning("model.onnx written but not checked: install onnxruntime (pip install -e '.[onnx]') to check it")
+            log.warning(
+                "model.onnx written but not checked: install onnxruntime (pip install -e '.[onnx]') to check it"
+            )
     elif cfg.export.onnx:
         log.info("no model.onnx: the onnx extra is not installed (pip install -e '.[onnx]')")
 
@@ -65,10 +77,19 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
     }
     atomic_write_json(run_dir / "preprocess.json", preprocess)
     failed = {name: diff for name, diff in checks.items() if diff is not None and diff > cfg.export.atol}
-    report = {"checkpoint": str(cfg.ckpt), "files": sorted(checks), "max_abs_diff": checks, "atol": cfg.export.atol, "ok": not failed}
+    report = {
+        "checkpoint": str(cfg.ckpt),
+        "files": sorted(checks),
+        "max_abs_diff": checks,
+        "atol": cfg.export.atol,
+        "ok": not failed,
+    }
     atomic_write_json(run_dir / "export.json", report)
     for name, diff in checks.items():
-        print(f"{run_dir / name}: " + ("not checked" if diff is None else f"max |difference| {diff:.2e} on a batch of {len(sample)}"))
+        print(
+            f"{run_dir / name}: "
+            + ("not checked" if diff is None else f"max |difference| {diff:.2e} on a batch of {len(sample)}")
+        )
     if failed:
         raise UserError(f"export: outputs differ from the PyTorch model beyond export.atol={cfg.export.atol}: {failed}")
     return report

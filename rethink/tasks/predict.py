@@ -86,7 +86,9 @@ def write_predictions(path: Path, rows: list[dict], topk: int) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
-            writer.writerow([row["path"]] + [cell for c, p in zip(row["classes"], row["probs"]) for cell in (c, f"{p:.6f}")])
+            writer.writerow(
+                [row["path"]] + [cell for c, p in zip(row["classes"], row["probs"]) for cell in (c, f"{p:.6f}")]
+            )
 
 
 def save_grid(path: Path, images: list[torch.Tensor], rows: list[dict]) -> None:

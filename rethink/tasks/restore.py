@@ -31,8 +31,13 @@ def inference_config(state: dict, cfg: DictConfig) -> tuple[DictConfig, list[str
     the data, the device and `model.eval_size` may change."""
     run_cfg, overridden = checkpoint_run_config(state, cfg)
     saved = config_from_checkpoint(state["config"])
-    contradicting = [k for k in overridden if (k == "model" or k.startswith("model.")) and k not in MODEL_KEYS_INFERENCE_MAY_CHANGE
-                     and OmegaConf.select(run_cfg, k) != OmegaConf.select(saved, k)]
+    contradicting = [
+        k
+        for k in overridden
+        if (k == "model" or k.startswith("model."))
+        and k not in MODEL_KEYS_INFERENCE_MAY_CHANGE
+        and OmegaConf.select(run_cfg, k) != OmegaConf.select(saved, k)
+    ]
     if contradicting:
         raise UserError(
             f"task={value(cfg.task)}: the checkpoint is a {saved.model.name} and its weights decide the network, but the command "

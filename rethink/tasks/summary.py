@@ -40,5 +40,7 @@ def format_summary(result: dict) -> str:
             f"{r['channels']:>8} {r['repeats']:>7} {se:>5} {r['params']:>12,}"
         )
     lines.append("-" * len(head))
-    lines.append(f"params {result['params']:,}   GMACs {result['gmacs']:.2f} (multiply-adds at {result['image_size']} px)")
+    lines.append(
+        f"params {result['params']:,}   GMACs {result['gmacs']:.2f} (multiply-adds at {result['image_size']} px)"
+    )
     return "\n".join(lines)

@@ -31,9 +31,11 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if torchrun_rank() is not None:  # (Hydra turns a callback's exceptions into warnings: exit here)
-            print("error: a sweep (-m, or an experiment that is one) cannot run under torchrun: every process would run "
-                  "every job; run each job with torchrun, or the sweep without torchrun (hydra/launcher=joblib or slurm)",
-                  file=sys.stderr)
+            print(
+                "error: a sweep (-m, or an experiment that is one) cannot run under torchrun: every process would run "
+                "every job; run each job with torchrun, or the sweep without torchrun (hydra/launcher=joblib or slurm)",
+                file=sys.stderr,
+            )
             raise SystemExit(1)
         swept, jobs = sweep_of(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
@@ -66,7 +68,9 @@ class SweepCallback(Callback):
         try:
             compare_sweep(sweep_dir, self.swept)
         except Exception as e:  # the runs are what matters: a comparison that fails must not hide them
-            log.warning(f"could not compare the runs of {sweep_dir}: {e}; try python run.py task=compare compare.dirs=[{sweep_dir}]")
+            log.warning(
+                f"could not compare the runs of {sweep_dir}: {e}; try python run.py task=compare compare.dirs=[{sweep_dir}]"
+            )
 
 
 def list_jobs(arguments: Sequence[str]) -> int:
@@ -99,4 +103,8 @@ def planned_folder(arguments: Sequence[str]) -> str:
         folder = str(base.hydra.sweep.dir)
     except Exception:  # an interpolation that reads only inside a running app: as written
         pass
-    return f"{folder}/ (or {Path(folder).name}-1, -2, ... if another run takes that name first)" if claimed else f"{folder}/"
+    return (
+        f"{folder}/ (or {Path(folder).name}-1, -2, ... if another run takes that name first)"
+        if claimed
+        else f"{folder}/"
+    )

@@ -27,12 +27,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         resume = str(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
         finished = _finished_metrics(run_dir, cfg.trainer.epochs) if resume else None
         if finished is not None:
-            _continued_config(cfg, run_dir, load_checkpoint(run_dir / "checkpoints" / "last.pt", key="resume"))  # the same run?
+            _continued_config(
+                cfg, run_dir, load_checkpoint(run_dir / "checkpoints" / "last.pt", key="resume")
+            )  # the same run?
             log.info(f"{run_dir} already finished {finished['epochs']} epochs (resume=auto): nothing to do")
             return finished
         if resume is None and claimed_by_this_run(run_dir):
-            log.info(f"resume=auto: {run_dir} is a new folder, so there is no run to continue: this starts one (a run "
-                     "without hydra.run.dir gets a new folder each time; to continue a run, pass resume=<its folder>)")
+            log.info(
+                f"resume=auto: {run_dir} is a new folder, so there is no run to continue: this starts one (a run "
+                "without hydra.run.dir gets a new folder each time; to continue a run, pass resume=<its folder>)"
+            )
     state = None
     layout = _layout_name(cfg, resumed=resume is not None)
     if resume is not None:
@@ -42,7 +46,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = fit(cfg, run_dir, state, layout=layout, job=hydra_job())
     if not torchrun_rank():
-        print(f"test acc {metrics['test_acc']:.4f} (best val acc {metrics['best_val_acc']:.4f} at epoch {metrics['best_epoch']})")
+        print(
+            f"test acc {metrics['test_acc']:.4f} (best val acc {metrics['best_val_acc']:.4f} at epoch {metrics['best_epoch']})"
+        )
         print(f"run directory: {run_dir}")
     return metrics
 
@@ -63,9 +69,13 @@ def _resume(cfg: DictConfig, resume: str) -> tuple[DictConfig, Path, dict]:
     merged = _continued_config(cfg, run_dir, state)
     done, epochs = state["epoch"], merged.trainer.epochs
     if epochs < done:
-        raise UserError(f"resume={run_dir}: the run already trained {done} epochs, more than trainer.epochs={epochs}; raise trainer.epochs to continue it")
+        raise UserError(
+            f"resume={run_dir}: the run already trained {done} epochs, more than trainer.epochs={epochs}; raise trainer.epochs to continue it"
+        )
     if epochs == done and (run_dir / "metrics.json").is_file():
-        raise UserError(f"resume={run_dir}: already trained {done} epochs and scored; raise trainer.epochs to continue (e.g. trainer.epochs={done + 10})")
+        raise UserError(
+            f"resume={run_dir}: already trained {done} epochs and scored; raise trainer.epochs to continue (e.g. trainer.epochs={done + 10})"
+        )
     merged.resume = str(run_dir)
     return merged, run_dir, state
 

@@ -53,8 +53,17 @@ class Progress:
         self.train_time_s += totals.seconds
         self.train_images += totals.images
         self.partial = None
-        record = dict(epoch=epoch, train_loss=totals.loss, train_acc=totals.acc, val_loss=val.loss, val_acc=val.acc, val_images=val.images,
-                      lr=totals.lr, epoch_s=totals.seconds, train_img_s=totals.images_per_s)
+        record = dict(
+            epoch=epoch,
+            train_loss=totals.loss,
+            train_acc=totals.acc,
+            val_loss=val.loss,
+            val_acc=val.acc,
+            val_images=val.images,
+            lr=totals.lr,
+            epoch_s=totals.seconds,
+            train_img_s=totals.images_per_s,
+        )
         if val_ema:
             record.update(val_ema_loss=val_ema.loss, val_ema_acc=val_ema.acc)
         record.update(stage)
@@ -62,7 +71,9 @@ class Progress:
         return record
 
 
-def training_state(model, learner, config: dict, classes: list, steps: int, progress: Progress, rng: Optional[list] = None) -> dict:
+def training_state(
+    model, learner, config: dict, classes: list, steps: int, progress: Progress, rng: Optional[list] = None
+) -> dict:
     """Everything a resume needs (`model` is the module itself, not its torch.compile wrapper); `config` the run's
     resolved config as plain data; `rng`: torch's random state of each process, by rank, where a signal cut an
     epoch short."""
@@ -137,11 +148,17 @@ def load_checkpoint(path: Any, key: str = "ckpt") -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever a truncated or foreign file makes the unpickler raise
-        raise UserError(f"{key}={path}: not a readable checkpoint ({why_unreadable(path, e)}); task=train writes them as <run dir>/checkpoints/best.pt") from None
+        raise UserError(
+            f"{key}={path}: not a readable checkpoint ({why_unreadable(path, e)}); task=train writes them as <run dir>/checkpoints/best.pt"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{key}={path}: not a rethink checkpoint (no '{FORMAT}' marker); task=eval/predict/export need a checkpoint written by task=train")
+        raise UserError(
+            f"{key}={path}: not a rethink checkpoint (no '{FORMAT}' marker); task=eval/predict/export need a checkpoint written by task=train"
+        )
     if state.get("version", 0) > VERSION:
-        raise UserError(f"{key}={path}: checkpoint version {state['version']} is newer than this rethink ({VERSION}); upgrade rethink")
+        raise UserError(
+            f"{key}={path}: checkpoint version {state['version']} is newer than this rethink ({VERSION}); upgrade rethink"
+        )
     return state
 
 
@@ -153,5 +170,7 @@ def model_from_checkpoint(state: dict, use_ema: bool = True):
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"checkpoint: its weights do not fit the model its config describes ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"checkpoint: its weights do not fit the model its config describes ({str(e).splitlines()[0][:120]})"
+        ) from None
     return model.eval()

@@ -40,7 +40,9 @@ class World:
 
 def torchrun_world() -> World:
     """This process's place among torchrun's processes (a world of one outside torchrun)."""
-    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    return World(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    )
 
 
 def start(world: World, device_name: str) -> Optional[torch.device]:
@@ -50,7 +52,9 @@ def start(world: World, device_name: str) -> Optional[torch.device]:
         return None
     on_gpu = device_name != "cpu" and torch.cuda.is_available()
     if device_name not in ("auto", "cpu", "cuda"):
-        raise UserError(f"trainer.device={device_name}: under torchrun each process takes the GPU of its local rank; use auto, cuda or cpu")
+        raise UserError(
+            f"trainer.device={device_name}: under torchrun each process takes the GPU of its local rank; use auto, cuda or cpu"
+        )
     if device_name == "cuda" and not on_gpu:
         raise UserError("trainer.device=cuda: no CUDA device is available here; use trainer.device=cpu (gloo)")
     device = torch.device("cuda", world.local_rank) if on_gpu else torch.device("cpu")
@@ -71,7 +75,9 @@ def sync_batchnorm(model: torch.nn.Module, world: World, sync_bn: bool, device: 
     if not (sync_bn and world.distributed):
         return model
     if device.type != "cuda":
-        raise UserError("trainer.sync_bn=true needs GPUs (NCCL); on the CPU each process keeps its own BatchNorm statistics")
+        raise UserError(
+            "trainer.sync_bn=true needs GPUs (NCCL); on the CPU each process keeps its own BatchNorm statistics"
+        )
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
@@ -81,7 +87,9 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
     process keeps of them is the same too (rank 0 saves it)."""
     if not world.distributed:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def rank_0_buffers(world: World, module: torch.nn.Module) -> None:
@@ -138,7 +146,9 @@ def sum_totals(world: World, totals: EpochTotals, device: torch.device) -> Epoch
     sums = torch.tensor([totals.loss_sum, totals.correct, totals.images], dtype=torch.float64, device=device)
     torch_dist.all_reduce(sums)
     loss_sum, correct, images = sums.tolist()
-    return EpochTotals(loss_sum, int(correct), int(images), totals.batches, totals.seconds, totals.lr, totals.interrupted)
+    return EpochTotals(
+        loss_sum, int(correct), int(images), totals.batches, totals.seconds, totals.lr, totals.interrupted
+    )
 
 
 def own_share(world: World, totals: EpochTotals) -> EpochTotals:
@@ -161,9 +171,17 @@ def sum_evaluation(world: World, result: Evaluation) -> Evaluation:
     torch_dist.all_reduce(loss_sum)
     confusion = confusion.cpu().round().to(torch.int64)
     images = int(confusion.sum())
-    labels, predicted = (interleaved(gather_objects(part)) if part is not None else None for part in (result.labels, result.predicted))
-    return Evaluation(loss=loss_sum.item() / max(1, images), acc=confusion.diag().sum().item() / max(1, images), images=images,
-                      confusion=confusion, labels=labels, predicted=predicted)
+    labels, predicted = (
+        interleaved(gather_objects(part)) if part is not None else None for part in (result.labels, result.predicted)
+    )
+    return Evaluation(
+        loss=loss_sum.item() / max(1, images),
+        acc=confusion.diag().sum().item() / max(1, images),
+        images=images,
+        confusion=confusion,
+        labels=labels,
+        predicted=predicted,
+    )
 
 
 def gather_objects(part: torch.Tensor) -> list[torch.Tensor]:

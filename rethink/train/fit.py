@@ -58,7 +58,9 @@ from .session import Session, close_session, open_session
 log = logging.getLogger("rethink")
 
 
-def fit(cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: str = "", job: Optional[int] = None) -> dict:
+def fit(
+    cfg: DictConfig, run_dir: Path, resumed: Optional[dict] = None, layout: str = "", job: Optional[int] = None
+) -> dict:
     """Train `cfg` in `run_dir`, continuing `resumed` (a checkpoint) if given. `layout`: the stage layout's name for
     HPARAMS; `job`: this run's number in a sweep, which picks its GPU when `trainer.device=auto` and there are several."""
     session = open_session(cfg, run_dir, job)
@@ -107,7 +109,9 @@ class TrainingRun:
 
     def state(self, rng: Optional[list] = None) -> dict:
         """The checkpoint of the run as it stands."""
-        state = training_state(self.network.model, self.learner, self.config, self.data.classes, self.steps, self.progress, rng)
+        state = training_state(
+            self.network.model, self.learner, self.config, self.data.classes, self.steps, self.progress, rng
+        )
         return {**state, "layout": self.layout, "world_size": self.world_size}
 
     def fast_paths_used(self) -> FastPaths:
@@ -131,7 +135,9 @@ def load_data(session: Session, resumed: Optional[dict]) -> DataBundle:
     manifest = session.run_dir / "splits.csv"
     data = build_data(cfg.data, cfg.model, manifest=manifest if manifest.is_file() else None)
     if list(data.classes) != list(resumed["classes"]):
-        raise UserError(f"resume={session.run_dir}: the data's classes {data.classes} are not the run's {resumed['classes']}")
+        raise UserError(
+            f"resume={session.run_dir}: the data's classes {data.classes} are not the run's {resumed['classes']}"
+        )
     return data
 
 
@@ -143,8 +149,13 @@ def prepare(session: Session, data: DataBundle, resumed: Optional[dict], layout:
     train_loader, val_loader, steps = make_loaders(session, data, resumed)
     fast = decide_fast_paths(session, data.train, steps, model)
     torch.backends.cudnn.benchmark = fast.cudnn_benchmark.on
-    forward, trained = fast_paths.forward_modules(model, fast.compile.on, fast.cuda_graphs.on, session.precision.autocast,
-                                                  wrap=lambda module: distributed.wrap(module, session.world, session.device))
+    forward, trained = fast_paths.forward_modules(
+        model,
+        fast.compile.on,
+        fast.cuda_graphs.on,
+        session.precision.autocast,
+        wrap=lambda module: distributed.wrap(module, session.world, session.device),
+    )
     network = Network(model, forward, trained, Inputs(session.device, *normalization, t.channels_last))
     store_fitted = True
     if fast.data_on_gpu.on:  # the same batches, made on the device
@@ -152,15 +163,28 @@ def prepare(session: Session, data: DataBundle, resumed: Optional[dict], layout:
     learner = build_learner(cfg, network, session.precision, steps, num_classes)
     if resumed:
         restore_training_state(resumed, learner)
-    stages = progressive_learning.ProgressiveLearning(cfg, num_classes, pin_memory=session.pin_memory, shard=session.world.shard,
-                                                      compiled=fast.compile.on)  # progressive=none: changes nothing
+    stages = progressive_learning.ProgressiveLearning(
+        cfg, num_classes, pin_memory=session.pin_memory, shard=session.world.shard, compiled=fast.compile.on
+    )  # progressive=none: changes nothing
     progress = Progress.of(resumed)
     saved_rng = resumed.get("rng") if resumed and progress.partial else None
     return TrainingRun(
-        data=data, network=network, learner=learner, train_loader=train_loader, val_loader=val_loader, steps=steps, fast=fast,
-        store_fitted=store_fitted, stages=stages, progress=progress, params=count_params(model),
-        gmacs=count_gmacs(model, cfg.model.eval_size), config=recorded_config(cfg, normalization),
-        layout=resumed.get("layout", layout) if resumed else layout, world_size=session.world.world_size, saved_rng=saved_rng,
+        data=data,
+        network=network,
+        learner=learner,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        steps=steps,
+        fast=fast,
+        store_fitted=store_fitted,
+        stages=stages,
+        progress=progress,
+        params=count_params(model),
+        gmacs=count_gmacs(model, cfg.model.eval_size),
+        config=recorded_config(cfg, normalization),
+        layout=resumed.get("layout", layout) if resumed else layout,
+        world_size=session.world.world_size,
+        saved_rng=saved_rng,
     )
 
 
@@ -199,16 +223,29 @@ def recorded_config(cfg: DictConfig, normalization: tuple) -> dict:
 def make_loaders(session: Session, data: DataBundle, resumed: Optional[dict]) -> tuple[Any, Any, int]:
     """The train and val loaders and the batches an epoch trains on (a resume must find the run's own count)."""
     cfg, shard = session.cfg, session.world.shard
-    train_loader = make_loader(data.train, cfg.data, train=True, seed=cfg.seed, pin_memory=session.pin_memory, shard=shard)
-    val_loader = make_loader(data.val, cfg.data, train=False, seed=cfg.seed, pin_memory=session.pin_memory,
-                             limit_batches=cfg.trainer.limit_val_batches, shard=shard)
+    train_loader = make_loader(
+        data.train, cfg.data, train=True, seed=cfg.seed, pin_memory=session.pin_memory, shard=shard
+    )
+    val_loader = make_loader(
+        data.val,
+        cfg.data,
+        train=False,
+        seed=cfg.seed,
+        pin_memory=session.pin_memory,
+        limit_batches=cfg.trainer.limit_val_batches,
+        shard=shard,
+    )
     steps = batches_per_epoch(train_loader, cfg.trainer)
-    world_size, trained_with = session.world.world_size, resumed.get("world_size", session.world.world_size) if resumed else None
+    world_size, trained_with = (
+        session.world.world_size,
+        resumed.get("world_size", session.world.world_size) if resumed else None,
+    )
     if resumed and trained_with != world_size:
         raise UserError(
             f"resume={session.run_dir}: the run trained in {trained_with} process(es) (a global batch of "
             f"{trained_with * cfg.data.batch_size}); this resume has {world_size}, which would change the global batch and "
-            f"the epoch's order; resume it with torchrun --nproc-per-node={trained_with}" + (" (or without torchrun)" if trained_with == 1 else "")
+            f"the epoch's order; resume it with torchrun --nproc-per-node={trained_with}"
+            + (" (or without torchrun)" if trained_with == 1 else "")
         )
     if resumed and resumed.get("steps_per_epoch", steps) != steps:
         raise UserError(
@@ -233,10 +270,20 @@ def batches_per_epoch(train_loader, t: DictConfig) -> int:
 
 def decide_fast_paths(session: Session, train_set, steps: int, model: nn.Module) -> FastPaths:
     device, cfg, t = session.device, session.cfg, session.cfg.trainer
-    free = torch.cuda.mem_get_info(device)[0] // t.jobs_per_gpu if device.type == "cuda" else None  # jobs sharing the GPU share it
-    return fast_paths.choose(cfg, device.type, session.world.world_size, steps, store_bytes=lambda: device_bytes(train_set, session.world.shard),
-                             free_bytes=free, step_bytes=lambda graphs: fast_paths.step_reserve(model, cfg.data.batch_size, cfg.model.train_size,
-                                                                                                t.channels_last, graphs))
+    free = (
+        torch.cuda.mem_get_info(device)[0] // t.jobs_per_gpu if device.type == "cuda" else None
+    )  # jobs sharing the GPU share it
+    return fast_paths.choose(
+        cfg,
+        device.type,
+        session.world.world_size,
+        steps,
+        store_bytes=lambda: device_bytes(train_set, session.world.shard),
+        free_bytes=free,
+        step_bytes=lambda graphs: fast_paths.step_reserve(
+            model, cfg.data.batch_size, cfg.model.train_size, t.channels_last, graphs
+        ),
+    )
 
 
 def device_loader(session: Session, dataset, cpu_loader) -> tuple[Any, bool]:
@@ -244,18 +291,24 @@ def device_loader(session: Session, dataset, cpu_loader) -> tuple[Any, bool]:
     (a warning; metrics.json then says data_on_gpu: false); and whether they fitted."""
     cfg = session.cfg
     try:
-        return DeviceLoader(dataset, cfg.data, cfg.model.train_size, seed=cfg.seed, device=session.device, shard=session.world.shard), True
+        return DeviceLoader(
+            dataset, cfg.data, cfg.model.train_size, seed=cfg.seed, device=session.device, shard=session.world.shard
+        ), True
     except torch.cuda.OutOfMemoryError:
         gc.collect()
         torch.cuda.empty_cache()
-        log.warning(f"data.on_gpu: the training images do not fit on {session.device}; loading them on the CPU (data.on_gpu=false avoids the attempt)")
+        log.warning(
+            f"data.on_gpu: the training images do not fit on {session.device}; loading them on the CPU (data.on_gpu=false avoids the attempt)"
+        )
         return cpu_loader, False
 
 
 def train_and_validate(session: Session, run: TrainingRun, epoch: int) -> dict:
     """One epoch: training (a resumed epoch from where it stopped), then validation; returns its record, which
     is added to the run's progress. A stop signal saves the run where it stopped and exits."""
-    run.train_loader = run.stages.apply(epoch, run.train_loader, run.network.model, run.learner)  # a new stage: its size and regularisation
+    run.train_loader = run.stages.apply(
+        epoch, run.train_loader, run.network.model, run.learner
+    )  # a new stage: its size and regularisation
     totals = train_part(session, run, epoch)
     val = val_ema = None
     if not totals.interrupted:
@@ -281,14 +334,24 @@ def train_part(session: Session, run: TrainingRun, epoch: int) -> EpochTotals:
     set_epoch(run.train_loader, epoch, start_batch=totals.batches)  # after an interrupt: where it stopped
     batches = islice(run.train_loader, run.steps - totals.batches)
     try:
-        totals = train_epoch(run.learner, batches, run.steps, totals, log_every=t.log_every_n_steps, progress=session.show_progress,
-                             description=f"epoch {epoch}/{t.epochs}", should_stop=session.stop_training)
+        totals = train_epoch(
+            run.learner,
+            batches,
+            run.steps,
+            totals,
+            log_every=t.log_every_n_steps,
+            progress=session.show_progress,
+            description=f"epoch {epoch}/{t.epochs}",
+            should_stop=session.stop_training,
+        )
     except NonFiniteLoss as e:
         raise diverged(session, run, f"{e} in epoch {epoch}") from None
     return distributed.sum_totals(world, totals, session.device)
 
 
-def require_finite(session: Session, run: TrainingRun, epoch: int, scores: list[tuple[str, Optional[Evaluation]]]) -> None:
+def require_finite(
+    session: Session, run: TrainingRun, epoch: int, scores: list[tuple[str, Optional[Evaluation]]]
+) -> None:
     """A val loss that is not finite is divergence too (the logits are, and accuracy would rank garbage)."""
     for name, result in scores:
         if result is not None and not math.isfinite(result.loss):
@@ -296,8 +359,14 @@ def require_finite(session: Session, run: TrainingRun, epoch: int, scores: list[
 
 
 def diverged(session: Session, run: TrainingRun, what: str) -> UserError:
-    last = f"{session.ckpt_dir / 'last.pt'} (epoch {run.progress.epoch})" if run.progress.epoch else "none (no epoch finished)"
-    return UserError(f"{what}; training stopped. Last good checkpoint: {last}. Try a lower optimizer.lr, trainer.grad_clip=1.0, or trainer.amp=off")
+    last = (
+        f"{session.ckpt_dir / 'last.pt'} (epoch {run.progress.epoch})"
+        if run.progress.epoch
+        else "none (no epoch finished)"
+    )
+    return UserError(
+        f"{what}; training stopped. Last good checkpoint: {last}. Try a lower optimizer.lr, trainer.grad_clip=1.0, or trainer.amp=off"
+    )
 
 
 def validate(session: Session, run: TrainingRun) -> tuple[Evaluation, Optional[Evaluation]]:
@@ -313,8 +382,16 @@ def validate(session: Session, run: TrainingRun) -> tuple[Evaluation, Optional[E
 
 def score(session: Session, run: TrainingRun, module: nn.Module, loader, name: str) -> Evaluation:
     """`module` scored on `loader`'s split, over every DDP process."""
-    result = evaluate(module, loader, run.network.inputs, session.precision, len(run.data.classes),
-                      progress=session.show_progress, description=name, should_stop=session.stop_evaluating)
+    result = evaluate(
+        module,
+        loader,
+        run.network.inputs,
+        session.precision,
+        len(run.data.classes),
+        progress=session.show_progress,
+        description=name,
+        should_stop=session.stop_evaluating,
+    )
     return distributed.sum_evaluation(session.world, result)
 
 
@@ -332,7 +409,9 @@ def test_best(session: Session, run: TrainingRun) -> tuple[Evaluation, int]:
     weights, _ = chosen_weights(best, use_ema=run.learner.ema is not None)
     run.network.model.load_state_dict(weights)
     cfg = session.cfg
-    loader = make_loader(run.data.test, cfg.data, train=False, seed=cfg.seed, pin_memory=session.pin_memory, shard=session.world.shard)
+    loader = make_loader(
+        run.data.test, cfg.data, train=False, seed=cfg.seed, pin_memory=session.pin_memory, shard=session.world.shard
+    )
     log.info(f"scoring the best checkpoint (epoch {best['epoch']}) on the test split ({len(run.data.test)} images)")
     try:
         return score(session, run, run.network.model, loader, "test"), best["epoch"]
@@ -345,9 +424,13 @@ def test_best(session: Session, run: TrainingRun) -> tuple[Evaluation, int]:
 def stop(session: Session, where: str) -> NoReturn:
     """Exit after a stop signal, with 128 + its number, once every process is there (checkpoints are written);
     `release` then passes the signal on."""
-    signum = (session.signals.requested if session.signals is not None else 0) or signal.SIGTERM  # under DDP another process may have received it
+    signum = (
+        session.signals.requested if session.signals is not None else 0
+    ) or signal.SIGTERM  # under DDP another process may have received it
     if session.world.is_main:  # once, not once per process
-        log.warning(f"stopped by signal {signum} {where}; saved {session.ckpt_dir / 'last.pt'}; continue with {resume_argument(session.run_dir)}")
+        log.warning(
+            f"stopped by signal {signum} {where}; saved {session.ckpt_dir / 'last.pt'}; continue with {resume_argument(session.run_dir)}"
+        )
     distributed.barrier(session.world)  # no process exits (and so has torchrun end the others) before rank 0 has saved
     session.stopped_by = signum
     raise SystemExit(128 + signum)

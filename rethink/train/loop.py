@@ -154,11 +154,28 @@ def build_learner(cfg, network: Network, precision: Precision, steps_per_epoch: 
     over `steps_per_epoch` loader batches an epoch, the gradient scaler fp16 needs, the EMA, mixup / cutmix."""
     t = cfg.trainer
     optimizer = build_optimizer(network.model, plain(cfg.optimizer))
-    scheduler = build_scheduler(optimizer, steps_per_epoch // t.grad_accumulation, t.epochs, plain(cfg.scheduler))  # per optimizer step
+    scheduler = build_scheduler(
+        optimizer, steps_per_epoch // t.grad_accumulation, t.epochs, plain(cfg.scheduler)
+    )  # per optimizer step
     scaler = torch.amp.GradScaler(network.inputs.device.type) if precision.needs_scaler else None
-    ema = AveragedModel(network.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema else None
-    return Learner(network.trained, optimizer, scheduler, network.inputs, precision, scaler, ema, batch_mixer(cfg.data, num_classes),
-                   t.label_smoothing, t.grad_clip, grad_accumulation=t.grad_accumulation)
+    ema = (
+        AveragedModel(network.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+        if t.ema
+        else None
+    )
+    return Learner(
+        network.trained,
+        optimizer,
+        scheduler,
+        network.inputs,
+        precision,
+        scaler,
+        ema,
+        batch_mixer(cfg.data, num_classes),
+        t.label_smoothing,
+        t.grad_clip,
+        grad_accumulation=t.grad_accumulation,
+    )
 
 
 @dataclass
@@ -209,8 +226,15 @@ def train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     nonfinite = torch.zeros((), device=device, dtype=torch.int64)
     images, window_start, start = 0, totals.batches, time.perf_counter()
-    bar = tqdm(total=num_batches, initial=totals.batches, desc=description, disable=not progress, leave=False,
-               dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(
+        total=num_batches,
+        initial=totals.batches,
+        desc=description,
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stdout,
+    )
     try:
         for images_u8, labels in batches:
             if learner.between_steps and should_stop():  # with gradient accumulation: between optimizer steps
@@ -292,7 +316,9 @@ def evaluate(
     loss_sum = torch.zeros((), device=inputs.device, dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=inputs.device)
     all_labels, all_predicted = [], []
-    with tqdm(total=_length(batches), desc=description, disable=not progress, leave=False, dynamic_ncols=True, file=sys.stdout) as bar:
+    with tqdm(
+        total=_length(batches), desc=description, disable=not progress, leave=False, dynamic_ncols=True, file=sys.stdout
+    ) as bar:
         for images_u8, labels in batches:
             if should_stop():
                 raise Interrupted

@@ -45,6 +45,14 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str = "con
         for t in range(n):
             for p in range(n):
                 value = int(matrix[t, p])
-                ax.text(p, t, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black", fontsize=8)
+                ax.text(
+                    p,
+                    t,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    color="white" if value > peak / 2 else "black",
+                    fontsize=8,
+                )
     fig.tight_layout()
     return fig

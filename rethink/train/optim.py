@@ -14,7 +14,11 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 or decay_norm_and_bias else no_decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return [
+        g
+        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
 
 
 class RMSpropTF(torch.optim.Optimizer):

@@ -58,7 +58,9 @@ class StageSettings:
     stage: int  # 0-based
     image_size: int
     dropout: float
-    randaug_magnitude: Optional[float]  # the papers' scale, in torchvision's steps of 1/3; None unless data.augment=randaugment
+    randaug_magnitude: Optional[
+        float
+    ]  # the papers' scale, in torchvision's steps of 1/3; None unless data.augment=randaugment
     mixup_alpha: float
 
 
@@ -112,7 +114,9 @@ def check(cfg: DictConfig) -> None:
     """The progressive keys against the rest of the run (single keys are checked by config.RANGES)."""
     p = cfg.progressive
     if p.min_size > cfg.model.train_size:
-        raise UserError(f"progressive.min_size={p.min_size}: must be at most model.train_size={cfg.model.train_size}, where the last stage trains")
+        raise UserError(
+            f"progressive.min_size={p.min_size}: must be at most model.train_size={cfg.model.train_size}, where the last stage trains"
+        )
     if p.stages > cfg.trainer.epochs:
         raise UserError(
             f"progressive.stages={p.stages}: needs trainer.epochs of at least {p.stages} (one epoch per stage or more; "
@@ -132,8 +136,10 @@ def hparams(cfg: DictConfig) -> dict:
         return f"{start:g}->{end:g}" if on and start is not None else "none"
 
     return {
-        "progressive_sizes": span("image_size"), "progressive_dropout": span("dropout"),
-        "progressive_randaug": span("randaug_magnitude"), "progressive_mixup": span("mixup_alpha"),
+        "progressive_sizes": span("image_size"),
+        "progressive_dropout": span("dropout"),
+        "progressive_randaug": span("randaug_magnitude"),
+        "progressive_mixup": span("mixup_alpha"),
     }
 
 
@@ -141,7 +147,10 @@ def allow_recompiles(stages: int) -> None:
     """torch.compile compiles once more for each stage (a new input shape, a new dropout); keep dynamo's limit
     above that, so that a run with many stages does not fall back to running uncompiled."""
     config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the newer name first; which one reads depends on the torch build
+    for name in (
+        "recompile_limit",
+        "cache_size_limit",
+    ):  # the newer name first; which one reads depends on the torch build
         try:
             limit = getattr(config, name)
         except AttributeError:
@@ -153,8 +162,15 @@ def allow_recompiles(stages: int) -> None:
 class ProgressiveLearning:
     """Puts each epoch's StageSettings into effect between epochs; with progressive=none it does nothing."""
 
-    def __init__(self, cfg: DictConfig, num_classes: int, *, pin_memory: bool = False, shard: tuple[int, int] = (0, 1),
-                 compiled: bool = False):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        num_classes: int,
+        *,
+        pin_memory: bool = False,
+        shard: tuple[int, int] = (0, 1),
+        compiled: bool = False,
+    ):
         self.cfg, self.num_classes, self.pin_memory, self.shard = cfg, num_classes, pin_memory, shard
         self.enabled = enabled(cfg.progressive)
         self.current: Optional[StageSettings] = None
@@ -180,7 +196,9 @@ class ProgressiveLearning:
         if hasattr(loader, "resized"):  # data.on_gpu: crops on the device at the stage's size (no RandAugment there)
             return loader.resized(settings.image_size)
         dataset = loader.dataset
-        dataset.transform = train_transform(c.model, c.data, size=settings.image_size, randaug_magnitude=settings.randaug_magnitude)
+        dataset.transform = train_transform(
+            c.model, c.data, size=settings.image_size, randaug_magnitude=settings.randaug_magnitude
+        )
         shut_down_workers(loader)
         return make_loader(dataset, c.data, train=True, seed=c.seed, pin_memory=self.pin_memory, shard=self.shard)
 

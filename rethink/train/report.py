@@ -69,12 +69,16 @@ class Report:
         epoch, classes = run.progress.epoch, run.data.classes
         self.writer.add_scalar("test/acc", test.acc, epoch)
         self.writer.add_scalar("test/loss", test.loss, epoch)
-        self.writer.add_figure("test/confusion_matrix", confusion_figure(test.confusion, classes, f"test, epoch {best_epoch}"), epoch)
+        self.writer.add_figure(
+            "test/confusion_matrix", confusion_figure(test.confusion, classes, f"test, epoch {best_epoch}"), epoch
+        )
         result = {**metrics(self.session, run, test), **self.provenance}
         if self.session.world.is_main:
             atomic_write_text(self.session.run_dir / TEST_RESULTS, test_results(run.data.test_names, test))
             atomic_write_json(self.session.run_dir / "metrics.json", result)
-        log.info(f"test acc {test.acc:.4f} (best checkpoint, epoch {run.progress.best_epoch}); wrote {self.session.run_dir / 'metrics.json'}")
+        log.info(
+            f"test acc {test.acc:.4f} (best checkpoint, epoch {run.progress.best_epoch}); wrote {self.session.run_dir / 'metrics.json'}"
+        )
         return result
 
 
@@ -199,8 +203,14 @@ def hparams(session: Session, run, layout: str) -> dict:
         for i, s in enumerate(spec.stages)
     }
     return {
-        **keys, "stages": layout, **stages, "world_size": world.world_size, "global_batch": cfg.data.batch_size * world.world_size,
-        "params": run.params, "gmacs": round(run.gmacs, 4), **progressive_learning.hparams(cfg),
+        **keys,
+        "stages": layout,
+        **stages,
+        "world_size": world.world_size,
+        "global_batch": cfg.data.batch_size * world.world_size,
+        "params": run.params,
+        "gmacs": round(run.gmacs, 4),
+        **progressive_learning.hparams(cfg),
     }
 
 
