@@ -301,7 +301,7 @@ def test_sweep_over_all_eleven_models(tmp_path, scalars, tiny_overrides):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(tmp_path.glob("*/metrics.json"))
-    assert [p.parent.name for p in jobs] == sorted(f"{i}_{m}" for i, m in enumerate(models.split(",")))
+    assert [p.parent.name for p in jobs] == sorted(f"{i:02d}_{m}" for i, m in enumerate(models.split(",")))
     params = {}
     for path in jobs:
         logged = scalars(path.parent)
