@@ -109,6 +109,7 @@ def test_only_the_hydra_module_imports_hydra():
     assert sorted(name for name, packages in outside.items() if "hydra" in packages) == sorted(HYDRA_FACING)
 
 
+@pytest.mark.slow
 def test_importing_the_models_loads_no_hydra():
     code = "import sys, rethink.models; sys.exit('hydra' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent).returncode == 0

@@ -50,6 +50,7 @@ SETTINGS = {
 }
 
 
+@pytest.mark.slow
 def test_benchmark_times_ours_torchvision_and_variants_and_writes_them(tmp_path, capsys):
     cfg = compose_config([*TINY, "benchmark.variants=[grad_checkpointing:true,grad_accumulation:2+ema:true]"])
     result = benchmark(cfg, tmp_path)
@@ -141,6 +142,7 @@ def test_torchvision_is_left_out_when_the_layout_differs(tmp_path):
     assert "input_pipeline" not in json.loads((tmp_path / "benchmark.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_run_out_of_memory_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
     from rethink.tasks import benchmark_step
 

@@ -204,6 +204,7 @@ def test_run_states_come_from_metrics_the_log_and_the_records_task(tmp_path):
 # A sweep, end to end -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_sweep_ends_with_its_comparison_and_task_compare_lists_a_failed_job(tmp_path):
     sweep = subprocess.run(
         [*RUN, "-m", "model=b0,v2_s", "seed=0,1", *TINY, "hydra.sweep.dir=sweep"],
@@ -267,6 +268,7 @@ def test_a_sweep_ends_with_its_comparison_and_task_compare_lists_a_failed_job(tm
 # Verdicts on real runs -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_verdicts_better_for_a_planted_difference_and_within_noise_for_a_key_of_no_effect(tmp_path):
     groups = {
         "short": ["trainer.epochs=1", "optimizer.weight_decay=1e-4"],
@@ -308,6 +310,7 @@ def test_verdicts_better_for_a_planted_difference_and_within_noise_for_a_key_of_
 # The study's experiments ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_says_what_it_asks_composes_every_job_and_trains_one_batch(tmp_path, name):
     text = (ROOT / "experiments" / f"{name}.yaml").read_text()

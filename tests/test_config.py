@@ -29,6 +29,7 @@ def test_every_option_of_every_group_composes(group):
         assert cfg[group] is not None
 
 
+@pytest.mark.slow
 def test_every_stage_layout_composes_and_builds():
     import torch
 
@@ -69,6 +70,7 @@ def test_compose_inside_a_running_app_leaves_it_untouched():
     assert not GlobalHydra.instance().is_initialized()
 
 
+@pytest.mark.slow
 def test_summary_task_writes_summary_json(tmp_path):
     result = run("task=summary", "model=v2_l", "model.stages.3.block=fused", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
@@ -93,6 +95,7 @@ def test_summary_task_writes_summary_json(tmp_path):
         (["model.stages.0.stride=3"], ["model.stages.0.stride", "1 or 2"]),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path, args, words):
     result = run("task=summary", f"hydra.run.dir={tmp_path}", *args)
     assert result.returncode != 0
@@ -122,6 +125,7 @@ def test_out_of_range_values_are_one_clear_line(tmp_path, args, words):
     assert words in result.stderr
 
 
+@pytest.mark.slow
 def test_a_wrong_resume_path_creates_nothing(tmp_path):
     result = run(f"resume={tmp_path / 'nope'}")
     assert result.returncode != 0 and "no checkpoints/last.pt" in result.stderr and "Traceback" not in result.stderr

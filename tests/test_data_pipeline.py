@@ -251,6 +251,7 @@ def test_synthetic_masks_are_the_per_pixel_formulas(pattern):
     assert ((mask[:, 0] == -1).numpy() != expected).mean() < 2e-4
 
 
+@pytest.mark.slow
 def test_synthetic_is_learnable_on_a_cpu():
     """The default data=synthetic, as composed by run.py, at 32 px: a small conv net with the default
     flip_crop augmentation ends well above chance (0.25) after a few seconds of training."""

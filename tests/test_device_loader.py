@@ -83,6 +83,7 @@ class Decoding(SeededImages):
         return torch.full(self.SHAPE, index, dtype=torch.uint8)
 
 
+@pytest.mark.slow
 def test_the_images_go_to_the_device_one_by_one_never_all_at_once_on_the_host():
     data = Decoding(40)
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), dict(name="folder", batch_size=4, num_workers=0))
@@ -148,6 +149,7 @@ def test_without_augmentation_the_batch_is_torchvisions_resize_and_centre_crop(t
         assert (ours.int() - theirs.int()).abs().max() <= (0 if crop_pct == 1 else 1), i
 
 
+@pytest.mark.slow
 def test_a_run_trains_from_device_resident_data_through_a_progressive_stage_change(
     tmp_path, monkeypatch, scalars, tiny_overrides
 ):
@@ -164,6 +166,7 @@ def test_a_run_trains_from_device_resident_data_through_a_progressive_stage_chan
     assert sizes == [24, 32]  # each stage's crops made by the device loader
 
 
+@pytest.mark.slow
 def test_images_that_do_not_fit_after_all_fall_back_to_the_cpu_loader(tmp_path, monkeypatch, tiny_overrides):
     import rethink.train.fit as train_task
 

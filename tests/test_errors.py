@@ -31,6 +31,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0].removeprefix("error: ")
 
 
+@pytest.mark.slow
 def test_create_model_raises_the_command_lines_one_line(tmp_path):
     with pytest.raises(UserError) as raised:
         create_model("b9")
@@ -52,6 +53,7 @@ def test_create_model_names_the_stages_a_layout_has():
         create_model("v2_l", overrides=["stages=v2_l_shallow_fused", "model.stages.7.block=fused"])
 
 
+@pytest.mark.slow
 def test_a_negative_stage_index_says_indices_are_0_based(tmp_path):
     expected = "model.stages.-1.block=fused: stage indices are 0-based (0-5 for this layout); -1 is not allowed"
     assert (
@@ -63,6 +65,7 @@ def test_a_negative_stage_index_says_indices_are_0_based(tmp_path):
     assert str(raised.value) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
 def test_a_missing_stage_names_the_model_that_lacks_it(tmp_path, sweep):
     """In a sweep the command line holds every job's model: the line must name the failing job's."""
@@ -112,6 +115,7 @@ def test_a_file_that_is_no_checkpoint_is_one_clear_line(tmp_path, make, reason):
     assert "\n" not in message and "weights_only" not in message
 
 
+@pytest.mark.slow
 def test_ckpt_a_png_from_the_command_line(tmp_path):
     png = _png(tmp_path / "flower.png")
     message = error_line(run("task=eval", f"ckpt={png}", f"hydra.run.dir={tmp_path / 'run'}"))

@@ -412,6 +412,7 @@ def test_graphs_capture_once_per_shape_and_dropout_never_for_a_smaller_batch_or_
     assert type(model).forward is nn.Sequential.forward and "forward" not in vars(model)  # the model's own forward back
 
 
+@pytest.mark.slow
 def test_at_most_max_captures_then_eager(cuda):
     graphs = EagerGraphs()
     wrapper = GraphedForward(tiny_net(), Precision(None, "cpu").autocast, make_graphed=graphs).train()
@@ -426,6 +427,7 @@ def graphs_on(monkeypatch, graphs) -> None:
     monkeypatch.setattr(fast_paths, "cuda_graphs_choice", lambda *a: fast_paths.Choice(True, "test: on the CPU"))
 
 
+@pytest.mark.slow
 def test_a_run_with_cuda_graphs_captures_once_per_progressive_stage(tmp_path, monkeypatch, cuda, tiny_overrides):
     graphs = EagerGraphs()
     graphs_on(monkeypatch, graphs)

@@ -136,6 +136,7 @@ def test_a_workers_user_error_is_its_own_line():
 # 2, 3. divergence before the first checkpoint, and during a resume ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_that_diverges_before_its_first_checkpoint_keeps_its_folder_and_says_why(tmp_path, tiny_overrides):
     run = tmp_path / "run"
     result = poisoned_run_py(1, *tiny_overrides, *QUICK, f"hydra.run.dir={run}")
@@ -165,6 +166,7 @@ def test_a_resume_that_diverges_keeps_the_runs_history_and_its_resume_record(tmp
     assert read_run(run).state == "failed" and "non-finite" in read_run(run).note
 
 
+@pytest.mark.slow
 def test_a_non_finite_validation_loss_is_divergence(tmp_path, tiny, monkeypatch):
     import rethink.train.fit as fit
 
@@ -243,6 +245,7 @@ def test_resume_auto_refuses_to_pass_a_finished_run_off_as_a_changed_recipe(tmp_
 # 6. a continued run is filed under its new length ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_continued_run_is_compared_and_shown_under_its_new_length(tmp_path, tiny):
     train(tiny("trainer.epochs=1"), tmp_path)
     train(tiny("trainer.epochs=2", f"resume={tmp_path}"), tmp_path / "ignored")
@@ -288,6 +291,7 @@ def test_every_rank_finds_the_folder_rank_0_claimed_in_another_second(tmp_path, 
 # 12, 13. tasks that must refuse ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_model_that_contradicts_the_checkpoint(tmp_path, tiny, tiny_overrides):
     train(tiny("trainer.epochs=1"), tmp_path / "run")
     eval_args = [*tiny_overrides, "task=eval", f"ckpt={tmp_path / 'run'}"]
@@ -307,6 +311,7 @@ def test_a_folder_with_one_class_is_refused(tmp_path):
 # 14. signals ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_leaves_the_signal_handlers_as_it_found_them(tmp_path, tiny, monkeypatch):
     import rethink.train.fit as fit
 
@@ -336,6 +341,7 @@ print("went on after the run")
 """
 
 
+@pytest.mark.slow
 def test_a_stop_by_sigterm_in_a_program_that_did_not_handle_it_ends_that_program_after_saving(tmp_path, tiny_overrides):
     """As with pytest under `timeout`: the run saves, then the signal does what it did before the run."""
     result = subprocess.run(
@@ -375,6 +381,7 @@ def test_a_refused_eval_into_a_run_folder_leaves_its_log_as_it_was(tmp_path, tin
     assert (run / "run.log").read_text() == log and not list((run / ".hydra").glob("eval-*"))
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_number_of_processes_is_refused(tmp_path, tiny):
     train(tiny("trainer.epochs=1"), tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")

@@ -73,6 +73,7 @@ def test_5_run_folders_are_resolved_before_anything_is_written_and_each_time_ali
     assert Path(first).is_dir() and OmegaConf.select(cfg, "hydra.sweep.dir") == first  # claimed once, then remembered
 
 
+@pytest.mark.slow
 def test_6_a_sweep_with_a_failed_job_is_still_compared(tmp_path):
     """Hydra skips on_multirun_end after a failed job; the sweep callback counts the jobs itself."""
     tiny = [

@@ -49,6 +49,7 @@ def batch(n: int, size: int = 32, seed: int = 0):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [2, 4])
 def test_accumulating_n_batches_of_b_is_one_batch_of_n_times_b(accumulation):
     """With BatchNorm on its running statistics (eval mode; in training it normalises each micro-batch by
@@ -75,6 +76,7 @@ def test_accumulating_n_batches_of_b_is_one_batch_of_n_times_b(accumulation):
     assert int(accumulated.ema.n_averaged) == int(whole.ema.n_averaged) == 1
 
 
+@pytest.mark.slow
 def test_step_steps_the_optimizer_schedule_and_ema_once_per_group():
     model = create_model("b0", 5).eval()
     trainer = learner(model, 3, ema=True)
@@ -89,6 +91,7 @@ def test_step_steps_the_optimizer_schedule_and_ema_once_per_group():
     assert lrs[0] == lrs[1] != lrs[2] == lrs[3] == lrs[4] != lrs[5]
 
 
+@pytest.mark.slow
 def test_a_stop_waits_for_the_end_of_the_group_and_leftovers_are_dropped():
     model = create_model("b0", 5)
     trainer = learner(model, 2)
@@ -123,6 +126,7 @@ def test_an_epoch_is_whole_groups_of_batches():
         batches_per_epoch(Loader(3), compose_config(["trainer.grad_accumulation=4"]).trainer)
 
 
+@pytest.mark.slow
 def test_training_with_accumulation_schedules_optimizer_steps(tmp_path):
     overrides = [
         "data=synthetic",
@@ -151,6 +155,7 @@ def test_training_with_accumulation_schedules_optimizer_steps(tmp_path):
     assert metrics["train_img_s"] > 0 and state["history"][0]["lr"] == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_a_signal_mid_group_stops_after_it_and_the_resume_is_exact(tmp_path, monkeypatch, stop_exits):
     import os
     import signal
@@ -196,6 +201,7 @@ def test_a_signal_mid_group_stops_after_it_and_the_resume_is_exact(tmp_path, mon
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["b0", "v2_s"])
 def test_checkpointed_stages_give_the_same_gradients_statistics_and_random_stream(name):
     torch.manual_seed(0)

@@ -37,6 +37,7 @@ def meta_model(name: str, num_classes: int = 1000, overrides=()):
         return create_model(name, num_classes, overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_parameter_counts_match_torchvision_and_the_design_table(name):
     for index, num_classes in enumerate((1000, 5)):
@@ -54,6 +55,7 @@ def test_state_dict_order_and_shapes_match_torchvision(name):
     assert [tuple(t.shape) for t in ours.values()] == [tuple(t.shape) for t in theirs.values()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_torchvision_weights_give_identical_outputs(name):
     torch.manual_seed(0)
@@ -91,6 +93,7 @@ def test_changed_layout_loads_what_fits_and_reports_the_rest():
     assert ours.stages[0][0].project.conv.weight.abs().sum() == 0  # loaded from the zero source
 
 
+@pytest.mark.slow
 def test_stage_override_switches_block_and_drops_se():
     fused = meta_model("v2_l", 1000, ["model.stages.3.block=fused"])
     assert count_params(fused) == 128_657_024

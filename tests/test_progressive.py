@@ -231,6 +231,7 @@ def test_each_stage_trains_and_logs_its_size_and_regularisation(staged_run, scal
     assert hparams["progressive_sizes"] == "40->64" and hparams["progressive_randaug"] == "5->10"
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_a_stage_continues_its_schedule_exactly(
     staged_run, tmp_path, monkeypatch, scalars, stop_exits
 ):
@@ -260,6 +261,7 @@ def test_resume_in_the_middle_of_a_stage_continues_its_schedule_exactly(
     assert scalars(tmp_path)["train/image_size"] == [(1, 40), (2, 48), (3, 56), (4, 64)]
 
 
+@pytest.mark.slow
 def test_progressive_none_trains_bit_for_bit_as_before(tmp_path, monkeypatch, scalars):
     base = ["trainer.epochs=2", "data.augment=randaugment", "data.mixup_alpha=0.4"]
     train(tiny(*base), tmp_path / "none")  # the default: progressive=none
@@ -296,6 +298,7 @@ def test_progressive_none_trains_bit_for_bit_as_before(tmp_path, monkeypatch, sc
     assert not any(tag.startswith(("train/image_size", "train/dropout")) for tag in scalars(tmp_path / "none"))
 
 
+@pytest.mark.slow
 def test_loader_workers_see_each_stage_and_old_workers_are_gone(tmp_path, monkeypatch):
     seen, others = [], len(multiprocessing.active_children())
     recording_steps(monkeypatch, seen)
@@ -315,6 +318,7 @@ def test_loader_workers_see_each_stage_and_old_workers_are_gone(tmp_path, monkey
     assert max(children for *_, children in seen) - others <= 2
 
 
+@pytest.mark.slow
 def test_compiled_model_recompiles_per_stage_not_per_batch(tmp_path, monkeypatch):
     """dynamo's eager backend (no C++ compiler needed): what is traced, and how often, is what inductor gets."""
     import functools

@@ -60,6 +60,7 @@ def signal_at_step(monkeypatch, step: int) -> None:
 # --- numbers you can trust (issue 14) ---
 
 
+@pytest.mark.slow
 def test_a_resume_after_a_signal_mid_epoch_trains_exactly_what_an_uninterrupted_run_does(
     tmp_path, monkeypatch, tiny, stop_exits
 ):
@@ -79,6 +80,7 @@ def test_a_resume_after_a_signal_mid_epoch_trains_exactly_what_an_uninterrupted_
     assert resumed["test_acc"] == whole["test_acc"]
 
 
+@pytest.mark.slow
 def test_the_logged_lr_is_the_one_each_epoch_trained_with(tmp_path, scalars, tiny):
     train(
         tiny("trainer.epochs=3", "scheduler=study_cosine", "scheduler.warmup_epochs=0", "optimizer.lr=0.01"), tmp_path
@@ -93,6 +95,7 @@ def test_the_logged_lr_is_the_one_each_epoch_trained_with(tmp_path, scalars, tin
     assert [v for _, v in scalars(tmp_path)["lr"]] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_hparams_tell_apart_runs_that_change_a_stage(tmp_path, tiny):
     train(tiny("trainer.epochs=1", "trainer.limit_train_batches=1"), tmp_path / "plain")
     train(
@@ -134,6 +137,7 @@ print(kind, before, after)
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_on_the_cpu_is_this_runs_not_the_processes():
     """In a process of its own: the peak of a process that earlier tests made large would hide the 400 MB."""
     out = subprocess.run(
@@ -178,6 +182,7 @@ def test_a_step_the_gradient_scaler_skips_moves_neither_the_schedule_nor_the_ema
     assert scheduler.last_epoch == 1 and int(ema.n_averaged) == 1
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_last_validation_stops_the_run_and_the_resume_completes_it(
     tmp_path, monkeypatch, scalars, tiny, stop_exits
 ):
@@ -203,6 +208,7 @@ def test_a_signal_during_the_last_validation_stops_the_run_and_the_resume_comple
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 8  # 2 epochs x 4 steps
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_test_pass_stops_the_run_and_the_resume_only_scores_it(
     tmp_path, monkeypatch, scalars, tiny, stop_exits
 ):
@@ -268,6 +274,7 @@ def test_a_folder_name_is_claimed_atomically_across_processes(tmp_path):
     assert sorted(claimed) == [target, f"{target}-1", f"{target}-2", f"{target}-3"]
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_trained_again_but_can_be_continued(tmp_path, scalars, tiny, tiny_overrides):
     train(tiny("trainer.epochs=1"), tmp_path)
     without_epochs = [a for a in tiny_overrides if not a.startswith("trainer.epochs")]  # the run's own trainer.epochs

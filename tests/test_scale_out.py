@@ -224,6 +224,7 @@ def test_sigterm_under_torchrun_stops_every_process_at_one_step_and_the_resume_c
     assert "progressive learning: stage 2/2 (epochs 3-4): 32 px" in (tmp_path / "run.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_sweep_under_torchrun_is_refused_with_one_line(tmp_path, short):
     result = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "-m", "seed=0,1", *short],

@@ -23,6 +23,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_a_short_run_leaves_every_file_and_scalar(tmp_path, scalars, tiny):
     metrics = train(tiny(), tmp_path)
     for name in ["metrics.json", "classes.json", "checkpoints/last.pt", "checkpoints/best.pt"]:
@@ -70,6 +71,7 @@ def test_a_short_run_leaves_every_file_and_scalar(tmp_path, scalars, tiny):
     assert ckpt["config"]["model"]["name"] == "b0"
 
 
+@pytest.mark.slow
 def test_same_seed_same_loss_curve(tmp_path, tiny):
     first = train(tiny("trainer.epochs=1"), tmp_path / "a")
     second = train(tiny("trainer.epochs=1"), tmp_path / "b")
@@ -84,6 +86,7 @@ def test_same_seed_same_loss_curve(tmp_path, tiny):
     del third
 
 
+@pytest.mark.slow
 def test_freeze_backbone_trains_only_the_head_from_a_pretrained_file(tmp_path, tiny):
     from rethink.models import create_model
 
@@ -99,6 +102,7 @@ def test_freeze_backbone_trains_only_the_head_from_a_pretrained_file(tmp_path, t
     assert changed == {"classifier.weight", "classifier.bias"}
 
 
+@pytest.mark.slow
 def test_ema_is_evaluated_and_checkpointed(tmp_path, scalars, tiny):
     train(tiny("trainer.ema=true", "trainer.ema_decay=0.5"), tmp_path)
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
@@ -106,6 +110,7 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path, scalars, tiny):
     assert "val_ema/acc" in scalars(tmp_path)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tiny):
     import rethink.train.loop as loop
 
@@ -133,12 +138,14 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_pa
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_used_run_directory_is_not_overwritten(tmp_path, tiny):
     train(tiny("trainer.epochs=1"), tmp_path)
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny("trainer.epochs=1"), tmp_path)
 
 
+@pytest.mark.slow
 def test_the_command_line_cannot_overwrite_a_runs_record(tmp_path, tiny_overrides):
     base = [*tiny_overrides, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
     assert subprocess.run([sys.executable, str(ROOT / "run.py"), *base], cwd=ROOT, capture_output=True).returncode == 0
@@ -150,6 +157,7 @@ def test_the_command_line_cannot_overwrite_a_runs_record(tmp_path, tiny_override
     assert {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()} == record
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_runs_split_when_files_are_added(tmp_path, tiny_overrides):
     from PIL import Image
 
@@ -228,6 +236,7 @@ def test_resume_after_kill_9_ends_at_the_asked_epochs_with_one_point_per_epoch(
     assert list((tmp_path / ".hydra").glob("resumed-*/config.yaml"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_mid_epoch_and_resume_finishes_the_epoch(tmp_path, monkeypatch, scalars, tiny, stop_exits):
     import rethink.train.loop as loop
 
@@ -258,6 +267,7 @@ def test_sigterm_saves_mid_epoch_and_resume_finishes_the_epoch(tmp_path, monkeyp
     assert [round(r["epoch"]) for r in history] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_refuses_to_change_what_the_run_is(tmp_path, tiny_overrides):
     base = [*tiny_overrides, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"]
     assert subprocess.run([sys.executable, str(ROOT / "run.py"), *base], cwd=ROOT, capture_output=True).returncode == 0
@@ -311,6 +321,7 @@ def test_sweep_over_all_eleven_models(tmp_path, scalars, tiny_overrides):
     assert params["b0"] == 4_012_672 and params["v2_l"] == 117_239_396  # 4-class heads
 
 
+@pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, tiny_overrides):
     result = subprocess.run(
         [

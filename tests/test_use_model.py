@@ -57,6 +57,7 @@ def image_folder(root: Path, count: int = 5) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_eval_matches_the_trainers_test_accuracy(trained, tmp_path):
     ckpt = trained / "checkpoints" / "best.pt"
     report = evaluate(task_cfg("task=eval", f"ckpt={ckpt}"), tmp_path)
@@ -70,6 +71,7 @@ def test_eval_matches_the_trainers_test_accuracy(trained, tmp_path):
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_eval_from_a_run_directory_and_export_with_a_batch_of_one(trained, tmp_path):
     report = evaluate(task_cfg("task=eval", f"ckpt={trained}"), tmp_path / "eval")
     assert report["test_acc"] == json.loads((trained / "metrics.json").read_text())["test_acc"]
@@ -83,6 +85,7 @@ def test_eval_on_another_split(trained, tmp_path):
     assert report["split"] == "val" and "val_acc" in report
 
 
+@pytest.mark.slow
 def test_predict_a_folder_skips_non_images(trained, tmp_path, caplog):
     inputs = image_folder(tmp_path / "in")
     rows = predict(
@@ -117,6 +120,7 @@ def test_predict_a_single_file_and_a_glob(trained, tmp_path):
     assert len(globbed) == 5
 
 
+@pytest.mark.slow
 def test_predict_inputs_matching_nothing(trained, tmp_path):
     with pytest.raises(UserError, match="inputs=.*matches no file"):
         predict(
@@ -132,6 +136,7 @@ def test_predict_inputs_matching_nothing(trained, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_export_matches_the_pytorch_model(trained, tmp_path):
     report = export(task_cfg("task=export", f"ckpt={trained / 'checkpoints' / 'best.pt'}"), tmp_path)
     assert report["ok"] and report["max_abs_diff"]["model.pt2"] < 1e-4
@@ -144,6 +149,7 @@ def test_export_matches_the_pytorch_model(trained, tmp_path):
         assert report["max_abs_diff"]["model.onnx"] < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["eval", "predict", "export"])
 def test_bad_checkpoints_are_one_clear_line(trained, tmp_path, task):
     good = (trained / "checkpoints" / "best.pt").read_bytes()

@@ -170,6 +170,7 @@ def test_identical_seeds_a_quarter_point_or_one_test_image_apart_give_no_better(
     assert "one test image" in one_image.reason
 
 
+@pytest.mark.slow
 def test_a_clear_six_point_difference_over_five_seeds_is_better_at_every_level(tmp_path, record):
     rng = np.random.default_rng(1)
     for name, mean, epochs in (("base", 0.80, 30), ("long", 0.86, 40)):
@@ -246,6 +247,7 @@ def noncentral_t_difference(n: int) -> float:
     return optimize.brentq(lambda delta: power(delta) - 0.8, 0, 30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3, 5, 10])
 def test_the_detectable_difference_is_the_simulated_welch_tests(n):
     printed = stats.detectable_difference(1.0, n, 1.0, n, 0.05, 0.8)
@@ -268,6 +270,7 @@ def test_seeds_needed_has_a_range_from_the_spreads_uncertainty():
 # Groups: how a run computes is pooled, what the data is is not -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_runs_that_differ_only_in_how_they_compute_form_one_group_and_pooled_provenance_is_warned(tmp_path, record):
     how = [
         {"trainer.cuda_graphs": True, "data.on_gpu": True, "trainer.amp": "bf16", "data.root": "/data/a"},
@@ -351,6 +354,7 @@ def test_the_split_fingerprint_is_what_the_data_is_not_where_it_lies(tmp_path):
 # Pairs that answer the sweep's question ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_factorial_sweep_sets_each_group_against_the_one_that_differs_in_one_key(tmp_path, record):
     rng = np.random.default_rng(3)
     cells = [("mbconv", 0.1), ("fused", 0.1), ("mbconv", 0.0), ("fused", 0.0)]  # the order a sweep's jobs come in
@@ -401,6 +405,7 @@ def test_a_factorial_sweep_sets_each_group_against_the_one_that_differs_in_one_k
 # Settings ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_compare_setting_is_checked_with_one_line_and_levels_keep_their_digits(tmp_path, record):
     for seed, correct in enumerate((440, 445, 450)):
         write_run(tmp_path / f"a{seed}", record, seed, correct)
