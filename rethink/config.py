@@ -26,6 +26,7 @@ class Task(Enum):
     summary = "summary"
     benchmark = "benchmark"
     compare = "compare"
+    pack = "pack"
 
 
 class Block(Enum):
@@ -299,6 +300,16 @@ class BenchmarkConfig:
 
 
 @dataclass
+class PackConfig:
+    """task=pack (rethink/data/packed.py): a file-based data set written once into tar shards with an index;
+    a run then takes `data.root=<pack.out>` and starts in seconds."""
+
+    out: Optional[str] = key(TASK, None)  # the pack's folder (required); an unfinished pack there is continued
+    files_per_shard: int = key(TASK, 5000, allowed=AT_LEAST_1)  # ImageNet's photos: ~0.55 GB a shard
+    workers: Optional[int] = key(TASK, None, allowed=NULL_OR_AT_LEAST_1)  # processes; null: the CPUs this may use
+
+
+@dataclass
 class CompareConfig:
     """task=compare (rethink/tasks/compare.py): groups runs that differ only in seed and sets them against each other."""
 
@@ -378,6 +389,7 @@ class RethinkConfig:
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
 
 
 # Every list of keys, derived from the roles above (rethink/keys.py says what each role means).

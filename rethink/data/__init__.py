@@ -7,7 +7,7 @@
     images = normalize(batch.to(device), cfg.model.mean, cfg.model.std)   # on the device
     eval_images(paths, cfg.model, cfg.data)[i]        # any file as the val/test splits present theirs
 
-data=flowers (tf_flowers, the default), folder (any class-per-folder tree), synthetic (drawn in memory),
+data=flowers (tf_flowers, the default), folder (any class-per-folder tree, or a pack of one: packed.py), synthetic (drawn in memory),
 flowers102, cifar10, cifar100 (torchvision). File-based data sets are scanned once for unreadable
 files, split reproducibly (splits.py), identical files kept in one split, and decoded once into an
 on-disk cache (cache.py) that gives the same pixels as decoding every time (preprocess.py).
@@ -32,6 +32,7 @@ from .flowers import locate_flowers
 from .folder import Listing, list_folder
 from .images import load_image
 from .loaders import make_loader, set_epoch
+from .packed import Pack, is_pack, read_pack
 from .preprocess import describe_eval_preprocessing, eval_images, file_images
 from .scan import scan_images
 from .splits import (
@@ -50,6 +51,7 @@ from .torchvision_sets import CIFAR, cifar_tensors, flowers102_listing
 from .transforms import batch_mixer, eval_transform, normalize, stored_size, train_transform
 
 __all__ = [
+    "file_listing",
     "DataBundle",
     "batch_mixer",
     "build_data",
@@ -112,10 +114,11 @@ def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBund
                 f"{manifest}: the run's split is not the one data={name} gives now; was the manifest edited, or the data set's settings changed?"
             )
         return bundle
-    listing = _listing(name, data_cfg)
+    pack = read_pack(Path(data_cfg.root).expanduser()) if name == "folder" and _packed(data_cfg) else None
+    listing = pack.listing() if pack else file_listing(data_cfg)
     if manifest is not None:
-        listing = _listing_from_manifest(listing.root, read_manifest(Path(manifest)), manifest)
-    return _file_bundle(listing, data_cfg, model_cfg, fractions, side, splits_given=manifest is not None)
+        listing = _listing_from_manifest(listing, read_manifest(Path(manifest)), manifest)
+    return _file_bundle(listing, data_cfg, model_cfg, fractions, side, splits_given=manifest is not None, pack=pack)
 
 
 def _in_memory(name: str, data_cfg) -> tuple[list[str], torch.Tensor, list[int], list[str], list[str | None]]:
@@ -134,7 +137,14 @@ def _in_memory(name: str, data_cfg) -> tuple[list[str], torch.Tensor, list[int],
     return classes, torch.cat([train_images, test_images]), train_labels + test_labels, paths, given
 
 
-def _listing(name: str, data_cfg) -> Listing:
+def _packed(data_cfg) -> bool:
+    root = _configured(data_cfg, "root")
+    return root is not None and is_pack(Path(root).expanduser())
+
+
+def file_listing(data_cfg) -> Listing:
+    """The image files of a file-based data set (data=flowers, folder, flowers102), before the scan."""
+    name = value(data_cfg.name)
     if name == "flowers":
         return list_folder(locate_flowers(data_root(data_cfg.root)))
     if name == "folder":
@@ -145,6 +155,8 @@ def _listing(name: str, data_cfg) -> Listing:
         return list_folder(Path(data_cfg.root).expanduser())
     if name == "flowers102":
         return flowers102_listing(data_root(data_cfg.root))
+    if name in DATASETS:
+        raise UserError(f"data={name} is held in memory, not in files; file-based: flowers, folder, flowers102")
     raise UserError(f"data.name={name}: allowed: {', '.join(DATASETS)}")
 
 
@@ -156,7 +168,9 @@ def _configured(node, key: str):
         return None
 
 
-def _listing_from_manifest(root: Path, rows: list[ManifestRow], manifest: Path) -> Listing:
+def _listing_from_manifest(listing: Listing, rows: list[ManifestRow], manifest: Path) -> Listing:
+    """The files `rows` (a run's splits.csv) name, with the labels and splits they record; each must be listed."""
+    root = listing.root
     names: dict[int, str] = {}
     for row in rows:
         if names.setdefault(row.label, row.class_name) != row.class_name:
@@ -165,7 +179,8 @@ def _listing_from_manifest(root: Path, rows: list[ManifestRow], manifest: Path) 
             )
     if sorted(names) != list(range(len(names))):
         raise UserError(f"{manifest}: labels must number the classes 0..K-1; was it edited?")
-    missing = next((r.path for r in rows if not (root / r.path).is_file()), None)
+    listed = set(listing.paths)
+    missing = next((r.path for r in rows if r.path not in listed), None)
     if missing:
         raise UserError(
             f"{manifest}: lists {missing}, which is not in {root}; point data.root at the data set the run used"
@@ -179,10 +194,12 @@ def _listing_from_manifest(root: Path, rows: list[ManifestRow], manifest: Path) 
     )
 
 
-def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, splits_given: bool) -> DataBundle:
+def _file_bundle(
+    listing: Listing, data_cfg, model_cfg, fractions, side: int, splits_given: bool, pack: Pack | None
+) -> DataBundle:
     root, classes = listing.root, listing.classes
     cache_root = cache_dir(data_cfg.cache_dir)
-    scan = scan_images(root, listing.paths, cache_root)
+    scan = pack.scan_result() if pack else scan_images(root, listing.paths, cache_root)
     skipped = [f"{root / path}: {why}" for path, why in scan.skipped.items()]
     if skipped:
         shown = "; ".join(skipped[:10]) + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "")
@@ -222,6 +239,7 @@ def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, sp
             train=split == "train",
             cache=cache,
             digests=[digests[i] for i in chosen],
+            pack=pack,
         )
 
     manifest = manifest_rows(splits, labels, classes, paths)

@@ -1,4 +1,4 @@
-"""Datasets of uint8 images: files (decoded once into the image cache) and tensors held in memory.
+"""Datasets of uint8 images: files or a pack's shards (decoded once into the image cache), and tensors held in memory.
 
 An item can be asked for by index, or by (index, sample_seed) as `SeededSampler` yields them: then
 the random transform runs with torch's CPU generator seeded by sample_seed, so a sample's
@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from .cache import ImageCache
 from .images import load_image
+from .packed import ShardLocations
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -73,12 +74,25 @@ class FileImages(SeededImages):
         self.digests = list(digests) if digests is not None else None
 
     def image(self, index: int) -> torch.Tensor:
-        path = self.root / self.paths[index]
-
         def decode() -> torch.Tensor:
-            return load_image(path, self.stored_side)
+            return self.decode(index)
 
         return self.cache.get(self.digests[index], self.stored_side, decode) if self.cache else decode()
+
+    def decode(self, index: int) -> torch.Tensor:
+        return load_image(self.root / self.paths[index], self.stored_side)
+
+
+class PackedImages(FileImages):
+    """The same images as FileImages, their bytes read from a pack's shards (data/packed.py) instead of files:
+    the same pixels. `paths` are the files' names in the pack."""
+
+    def __init__(self, locations: ShardLocations, paths: Sequence[str], *args, **kwargs):
+        super().__init__(locations.folder, paths, *args, **kwargs)
+        self.locations = locations
+
+    def decode(self, index: int) -> torch.Tensor:
+        return load_image(self.paths[index], self.stored_side, data=self.locations.read(index))
 
 
 class TensorImages(SeededImages):

@@ -83,11 +83,12 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def load_image(path: str | Path, shorter_side: int | None = None) -> torch.Tensor:
-    """Any image file -> uint8 RGB tensor 3xHxW (downscaled to `shorter_side` when given).
-    An unreadable file is a UserError that names it."""
+def load_image(path: str | Path, shorter_side: int | None = None, data: bytes | None = None) -> torch.Tensor:
+    """Any image file -> uint8 RGB tensor 3xHxW (downscaled to `shorter_side` when given); `data`: the file's
+    bytes when they were read already (from a pack): the same pixels. An unreadable file is a UserError that
+    names it."""
     try:
-        image = open_rgb(path, shorter_side)
+        image = open_rgb(path if data is None else io.BytesIO(data), shorter_side)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         raise UserError(f"{path}: not a readable image ({describe_error(e)})") from None
     if shorter_side is not None:

@@ -3,6 +3,7 @@ its description for task=export's preprocess.json.
 
     decode   load_image(path, stored_size): RGB, a JPEG at its strongest DCT reduction that keeps the
              shorter side >= stored_size, then the shorter side down to stored_size (PIL bilinear)
+    (a pack holds the files' bytes as they are: data/packed.py)
     cache    (optional) the decoded pixels, kept as they are: the same tensors with or without it
     then     the train transform (random crop and flip) or the eval transform (resize + centre crop)
 """
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .cache import ImageCache
-from .datasets import FileImages
+from .datasets import FileImages, PackedImages
+from .packed import Pack
 from .transforms import eval_resize, eval_transform, stored_size, train_transform
 
 
@@ -25,10 +27,15 @@ def file_images(
     train: bool,
     cache: ImageCache | None = None,
     digests: Sequence[str] | None = None,
+    pack: Pack | None = None,
 ) -> FileImages:
-    """Files under `root`, decoded at `stored_size`, with the train or the eval transform."""
+    """Files under `root` (or these files' bytes in `pack`), decoded at `stored_size`, with the train or the eval
+    transform."""
     transform = train_transform(model_cfg, data_cfg) if train else eval_transform(model_cfg, data_cfg)
-    return FileImages(root, paths, labels, transform, stored_size(model_cfg, data_cfg), cache, digests)
+    side = stored_size(model_cfg, data_cfg)
+    if pack is not None:
+        return PackedImages(pack.locations(list(paths)), paths, labels, transform, side, cache, digests)
+    return FileImages(root, paths, labels, transform, side, cache, digests)
 
 
 def eval_images(paths: Sequence[str | Path], model_cfg, data_cfg) -> FileImages:

@@ -16,7 +16,7 @@ run_log = logging.getLogger("rethink.run_log")  # the run's run.log only (conf/h
 
 
 def _tasks():
-    from . import benchmark, compare, evaluate, export, predict, summary, train
+    from . import benchmark, compare, evaluate, export, pack, predict, summary, train
 
     return {
         "train": train.train,
@@ -26,6 +26,7 @@ def _tasks():
         "summary": summary.summary,
         "benchmark": benchmark.benchmark,
         "compare": compare.compare,
+        "pack": pack.pack,
     }
 
 
