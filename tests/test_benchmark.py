@@ -56,6 +56,9 @@ def test_benchmark_times_ours_torchvision_and_variants_and_writes_them(tmp_path,
     result = benchmark(cfg, tmp_path)
     assert json.loads((tmp_path / "benchmark.json").read_text()) == result
     assert {"cpu", "torch", "torchvision", "training", "input_pipeline"} <= set(result)
+    rates = result["input_pipeline"]["samples_per_s"]
+    assert set(rates) == {"reference", "cached", "cached_cpu_normalize", "files", "packed"}
+    assert all(rate > 0 for rate in rates.values())
     training = result["training"]
     assert (training["model"], training["image_size"], training["batch_size"], training["device"]) == (
         "b0",
@@ -116,6 +119,7 @@ def test_benchmark_times_ours_torchvision_and_variants_and_writes_them(tmp_path,
         assert training["ratios"]["ours+grad_checkpointing:true/ours"]["saved_for_backward"] < 0.5
         assert training["ratios"]["ours+grad_accumulation:2+ema:true/ours"]["saved_for_backward"] < 0.75
     printed = capsys.readouterr().out
+    assert "a pack's shards" in printed
     assert (
         "training step: b0, 32 px" in printed and "torchvision_our_settings" in printed and "input pipeline" in printed
     )

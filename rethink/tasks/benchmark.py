@@ -6,10 +6,12 @@ Two parts, each switchable, both in benchmark.json and printed as tables:
 - the training step (benchmark.training): ours, through the trainer's own Learner with the run's trainer.*
   settings, against torchvision's same network; see benchmark_step.py.
 
-Reference: the seed project's pipeline (PIL open, RandomResizedCrop, horizontal flip, ToTensor, Normalize,
-torchvision.transforms). Cached: ours, as a loader worker runs it (the image read back from the decoded-
+Reference: the seed project's pipeline, torchvision's ImageFolder way (PIL open and convert, RandomResizedCrop,
+horizontal flip, ToTensor, Normalize, torchvision.transforms). Cached: ours, as a loader worker runs it (the image read back from the decoded-
 image cache, then RandomResizedCrop and flip on uint8; normalisation happens later on the device); it is
-also timed with normalisation on the CPU, for a like-for-like figure. Both run in this one process, on
+also timed with normalisation on the CPU, for a like-for-like figure. Uncached, as a first epoch or a data set
+too large for the cache runs: decoded from the files, and from a pack of the same files (task=pack), each
+at the cache's side (a JPEG's DCT reduction) and then cropped. Both run in this one process, on
 `benchmark.threads` threads, without loader workers, over the same training images of the configured
 data set (cache warmed first; `benchmark.warmup` untimed samples each). In-memory data sets
 (synthetic, cifar) have no files: photo-like 500x375 JPEGs are written to a temporary folder instead.
@@ -37,8 +39,10 @@ from torchvision import transforms as v1
 from ..atomic import atomic_write_json
 from ..config import value
 from ..data import build_data, normalize
-from ..data.datasets import FileImages
+from ..data.datasets import FileImages, PackedImages
+from ..data.folder import Listing
 from ..data.loaders import SeededSampler
+from ..data.packed import pack_listing, read_pack
 from ..environment import cpu_model
 from ..errors import UserError
 from . import benchmark_step
@@ -107,14 +111,33 @@ def _measure(cfg: DictConfig) -> tuple[dict, str, int, float]:
         for index, _ in keys:  # warm the cache: this benchmark times reading it back
             train.image(index)
         with_cpu_normalize = NormalizedAfter(train, cfg.model.mean, cfg.model.std)
+        timed = sorted({i for i, _ in keys})
+        uncached = _uncached(train, timed, Path(tmp) / "pack")
         rates = {
             "reference": _samples_per_s(reference, [i for i, _ in keys], b.warmup, cfg.data.batch_size),
             "cached": _samples_per_s(train, keys, b.warmup, cfg.data.batch_size),
             "cached_cpu_normalize": _samples_per_s(with_cpu_normalize, keys, b.warmup, cfg.data.batch_size),
         }
-        timed = {i for i, _ in keys}
+        for name, dataset in uncached.items():
+            position = {index: k for k, index in enumerate(timed)}
+            rates[name] = _samples_per_s(
+                dataset, [(position[i], seed) for i, seed in keys], b.warmup, cfg.data.batch_size
+            )
         whole = sum(_shorter_side(train.root / train.paths[i]) <= train.stored_side for i in timed)
         return rates, source, train.stored_side, round(whole / len(timed), 3)
+
+
+def _uncached(train: FileImages, timed: list[int], pack_folder: Path) -> dict[str, FileImages]:
+    """The timed images without the decoded-image cache: decoded from their files, and from a pack of them."""
+    names, labels = [train.paths[i] for i in timed], [train.labels[i] for i in timed]
+    listing = Listing(train.root, [str(k) for k in range(max(labels) + 1)], names, labels, [None] * len(names))
+    pack_listing(listing, pack_folder, files_per_shard=5000, workers=1)
+    pack = read_pack(pack_folder)
+    files = FileImages(train.root, names, labels, train.transform, train.stored_side)
+    return {
+        "files": files,
+        "packed": PackedImages(pack.locations(names), names, labels, train.transform, train.stored_side),
+    }
 
 
 def _shorter_side(path: Path) -> int:
@@ -132,6 +155,8 @@ def format_pipeline(result: dict, cpu: str) -> str:
             f"  reference (PIL decode + RandomResizedCrop + ToTensor + Normalize) {rates['reference']:8.1f}",
             f"  cached (uint8 cache + RandomResizedCrop + flip)                  {rates['cached']:8.1f}  x{result['ratio_cached_vs_reference']:.2f}",
             f"  cached, normalised on the CPU too                                {rates['cached_cpu_normalize']:8.1f}  x{result['ratio_cached_cpu_normalize_vs_reference']:.2f}",
+            f"  uncached: files (decode at the cache's side + crop + flip)       {rates['files']:8.1f}  x{rates['files'] / rates['reference']:.2f}",
+            f"  uncached: a pack's shards (task=pack; the same decode)           {rates['packed']:8.1f}  x{rates['packed'] / rates['reference']:.2f}",
         ]
     )
 
