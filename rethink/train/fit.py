@@ -12,7 +12,7 @@ import signal
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from ..data import DataBundle, build_data, make_loader, set_epoch
 from ..data.device_loader import DeviceLoader, device_bytes
 from ..data.loaders import shut_down_workers
+from ..environment import process_age_s
 from ..errors import UserError
 from ..models import build_model
 from ..models.pretrained import load_pretrained
@@ -106,6 +107,7 @@ class TrainingRun:
     layout: str  # the stage layout's name, for HPARAMS
     world_size: int  # processes training it (torchrun); a resume must keep their number
     saved_rng: Optional[list] = None  # an epoch cut short by a signal: its processes' random state, used once
+    stepped: bool = False  # whether this process has taken a training step yet
 
     def state(self, rng: Optional[list] = None) -> dict:
         """The checkpoint of the run as it stands."""
@@ -325,6 +327,15 @@ def train_and_validate(session: Session, run: TrainingRun, epoch: int) -> dict:
     return run.progress.add_epoch(epoch, totals, val, val_ema, run.stages.record())
 
 
+def first_batch_announced(batches: Iterator) -> Iterator:
+    """`batches`, saying in the log how long after the process started the first of them was ready: the time
+    to the first training step, which the data set's size must not govern (README, "Large data sets")."""
+    for number, batch in enumerate(batches):
+        if number == 0 and (age := process_age_s()) is not None:
+            log.info(f"first training step {age:.1f} s after the process started")
+        yield batch
+
+
 def train_part(session: Session, run: TrainingRun, epoch: int) -> EpochTotals:
     """The epoch's training steps (those left of it, after a stop mid-epoch), summed over every process."""
     cfg, world, t = session.cfg, session.world, session.cfg.trainer
@@ -333,6 +344,8 @@ def train_part(session: Session, run: TrainingRun, epoch: int) -> EpochTotals:
     totals = distributed.own_share(world, EpochTotals(**partial)) if partial else EpochTotals()
     set_epoch(run.train_loader, epoch, start_batch=totals.batches)  # after an interrupt: where it stopped
     batches = islice(run.train_loader, run.steps - totals.batches)
+    if not run.stepped:
+        batches, run.stepped = first_batch_announced(batches), True
     try:
         totals = train_epoch(
             run.learner,
