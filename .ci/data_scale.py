@@ -70,7 +70,11 @@ def first_step(args: list[str], processes: int, cache: Path, run_dir: Path) -> d
     peak = next((int(line.split()[1]) for line in lines if line.startswith("PEAK_KB")), None)
     if seconds is None:
         raise SystemExit(f"no first step in {' '.join(command)}:\n{''.join(lines[-30:])}")
-    return {"first_step_s": round(seconds, 2), "wall_s": round(wall, 2), "peak_mb": round(peak / 1024) if peak else None}
+    return {
+        "first_step_s": round(seconds, 2),
+        "wall_s": round(wall, 2),
+        "peak_mb": round(peak / 1024) if peak else None,
+    }
 
 
 def _stop_tree(process: subprocess.Popen) -> None:

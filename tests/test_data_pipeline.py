@@ -380,7 +380,7 @@ def test_benchmark_writes_its_figures(tmp_path):
     written = json.loads((tmp_path / "run" / "benchmark.json").read_text())
     assert written == result
     pipeline = result["input_pipeline"]
-    assert set(pipeline["samples_per_s"]) == {"reference", "cached", "cached_cpu_normalize"}
+    assert set(pipeline["samples_per_s"]) == {"reference", "cached", "cached_cpu_normalize", "files", "packed"}
     assert all(rate > 0 for rate in pipeline["samples_per_s"].values()) and result["cpu"]
 
 

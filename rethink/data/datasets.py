@@ -9,6 +9,7 @@ workers there are, and a run resumed at epoch k sees what an uninterrupted run s
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -51,6 +52,27 @@ def with_seed(transform: Transform, image: torch.Tensor, seed: int) -> torch.Ten
         generator.set_state(state)
 
 
+class Strings(Sequence[str]):
+    """A list of strings kept as one numpy array of utf-8 bytes. A loader worker forked from the main process
+    shares its pages: reading a Python list's items there writes their reference counts and so copies the pages
+    (a million paths and hashes: hundreds of MB per worker)."""
+
+    def __init__(self, items: Sequence[str]):
+        self.items = np.array([item.encode() for item in items], dtype=bytes)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> str:
+        return self.items[index].decode()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __add__(self, other: Sequence[str]) -> list[str]:
+        return list(self) + list(other)
+
+
 class FileImages(SeededImages):
     """Image files under `root`, each decoded with its shorter side at most `stored_side`. With a cache
     (which needs each file's content hash, `digests`) a file is decoded once and then read back as
@@ -68,10 +90,10 @@ class FileImages(SeededImages):
     ):
         super().__init__(labels, transform)
         self.root = Path(root)
-        self.paths = list(paths)
+        self.paths = Strings(paths)
         self.stored_side = stored_side
         self.cache = cache
-        self.digests = list(digests) if digests is not None else None
+        self.digests = Strings(digests) if digests is not None else None
 
     def image(self, index: int) -> torch.Tensor:
         def decode() -> torch.Tensor:
