@@ -2,9 +2,11 @@
 processes and saved as it goes, image sizes recorded by the scan, and ImageNet's layout as it comes."""
 
 import time
+from datetime import timedelta
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from rethink.data import splits
 
@@ -71,3 +73,24 @@ def test_a_million_items_in_a_thousand_classes_split_in_a_second():
 @pytest.mark.slow
 def test_a_million_items_in_twenty_thousand_classes_split_in_seconds_not_minutes():
     assert split_seconds(1_000_000, 20_000) < 8  # 3 s here; the per-class scan took 22 s (O(files x classes))
+
+
+# ---------------------------------------------------------------- torchrun's start-up
+
+
+def test_the_process_group_waits_trainer_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
+    import torch.distributed
+
+    from rethink.config import TrainerConfig
+    from rethink.train import distributed
+
+    joined = {}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda backend, **kw: joined.update(kw, backend=backend)
+    )
+    default = OmegaConf.structured(TrainerConfig).dist_timeout_min
+    distributed.start(distributed.World(1, 2, 1), "cpu", default)
+    assert joined["backend"] == "gloo" and joined["timeout"] == timedelta(minutes=60)
+    distributed.start(distributed.World(1, 2, 1), "cpu", 240)
+    assert joined["timeout"] == timedelta(hours=4)

@@ -10,6 +10,7 @@ and test accuracy are those of one process scoring the whole split.
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -45,8 +46,10 @@ def torchrun_world() -> World:
     )
 
 
-def start(world: World, device_name: str) -> Optional[torch.device]:
-    """Join the process group: NCCL on GPUs (one per process, by local rank), gloo on the CPU.
+def start(world: World, device_name: str, timeout_min: float = 60.0) -> Optional[torch.device]:
+    """Join the process group: NCCL on GPUs (one per process, by local rank), gloo on the CPU, whose
+    collectives wait `timeout_min` minutes (trainer.dist_timeout_min) for the other processes, not NCCL's
+    default 10: set-up on a large data set (listing, scanning its share of the files) takes longer.
     Returns the process's device, or None for a world of one (the trainer picks it as usual)."""
     if not world.distributed:
         return None
@@ -61,7 +64,11 @@ def start(world: World, device_name: str) -> Optional[torch.device]:
     if on_gpu:
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
+        torch_dist.init_process_group(
+            "nccl" if on_gpu else "gloo",
+            device_id=device if on_gpu else None,
+            timeout=timedelta(minutes=timeout_min),
+        )
     return device
 
 
