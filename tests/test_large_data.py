@@ -1,14 +1,25 @@
 """Data sets at ImageNet's scale: a splitter that is not O(files x classes), a scan shared by torchrun's
 processes and saved as it goes, image sizes recorded by the scan, and ImageNet's layout as it comes."""
 
+import json
+import os
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
-from rethink.data import splits
+from rethink.config import DataConfig
+from rethink.data import build_data, cache, device_loader, images, scan, splits
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------- the splitter
 
@@ -94,3 +105,175 @@ def test_the_process_group_waits_trainer_dist_timeout_min_not_nccls_ten_minutes(
     assert joined["backend"] == "gloo" and joined["timeout"] == timedelta(minutes=60)
     distributed.start(distributed.World(1, 2, 1), "cpu", 240)
     assert joined["timeout"] == timedelta(hours=4)
+
+
+# ---------------------------------------------------------------- the scan: shared, saved as it goes, sizes
+
+
+def jpeg_folder(root: Path, classes: int = 3, per_class: int = 40) -> tuple[Path, list[str]]:
+    """Tiny JPEGs, every one different; returns the folder and the relative paths, sorted."""
+    rng = np.random.default_rng(0)
+    for k in range(classes):
+        for i in range(per_class):
+            path = root / f"class{k}" / f"{i:04d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (6 + k, 8 + i % 5, 3), dtype=np.uint8)).save(path)
+    return root, sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every file the scan decodes, by content hash (a Counter, filled as the scan goes)."""
+    counted = Counter()
+    lock = threading.Lock()
+
+    def counting(data):
+        with lock:
+            counted[cache.content_digest(data)] += 1
+        return images.inspect_image(data)
+
+    monkeypatch.setattr(scan, "inspect_image", counting)
+    return counted
+
+
+def test_processes_share_the_scan_and_every_file_is_read_once_in_total(tmp_path, reads):
+    root, paths = jpeg_folder(tmp_path / "d")
+    barrier = threading.Barrier(3)
+    results = [None] * 3
+
+    def process(rank):
+        results[rank] = scan.scan_images(root, paths, tmp_path / "c", scan.Share(rank, 3, barrier.wait))
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(reads) == len(paths) and set(reads.values()) == {1}  # each file once, not once per process
+    alone = scan.scan_images(root, paths, tmp_path / "c2")
+    assert all(result == alone for result in results) and len(alone.digests) == len(paths)
+    assert len(list((tmp_path / "c" / "scans").rglob("*.json"))) == 1  # rank 0 gathered the three parts into one
+
+
+def test_a_scan_cut_short_keeps_what_it_found_and_the_rerun_reads_only_the_rest(tmp_path, monkeypatch, reads):
+    root, paths = jpeg_folder(tmp_path / "d")
+    counting = scan.inspect_image
+
+    def interrupted(data):
+        if sum(reads.values()) >= 50:
+            raise KeyboardInterrupt
+        return counting(data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scan, "inspect_image", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            scan.scan_images(root, paths, tmp_path / "c")
+    first = Counter(reads)
+    assert 50 <= sum(first.values()) < len(paths)
+    remembered = cache.ScanRecords(tmp_path / "c", root).records
+    assert len(remembered) >= 50
+    reads.clear()
+    again = scan.scan_images(root, paths, tmp_path / "c")
+    assert len(again.digests) == len(paths) and sum(reads.values()) == len(paths) - len(remembered)
+    assert not set(reads) & {record[2] for record in remembered.values()}  # nothing read twice
+
+
+def test_scan_records_are_saved_every_n_files_without_waiting_for_the_end(tmp_path):
+    records = cache.ScanRecords(tmp_path / "c", tmp_path, flush_every=5, flush_seconds=3600)
+    for i in range(12):
+        records.put(f"f{i}.jpg", (100 + i, 7), f"digest{i}", None, (8, 6))
+    on_disk = cache.ScanRecords(tmp_path / "c", tmp_path).records  # what a kill now would leave
+    assert sorted(on_disk) == sorted(f"f{i}.jpg" for i in range(10))
+    assert on_disk["f3.jpg"] == (103, 7, "digest3", None, (8, 6))
+    records.save()
+    assert len(cache.ScanRecords(tmp_path / "c", tmp_path).records) == 12
+    assert len(list((tmp_path / "c" / "scans").rglob("*.json"))) == 1  # the scan's three parts gathered into one
+
+
+def test_the_scan_records_each_images_upright_size_and_on_gpu_estimates_read_no_header(tmp_path, monkeypatch):
+    root = tmp_path / "d"
+    made = {}
+    for k, (name, size, orientation) in enumerate(
+        (("a/wide.jpg", (40, 20), 1), ("a/turned.jpg", (40, 20), 6), ("a/big.jpg", (300, 200), 8))
+        + tuple((f"b/{i}.png", (9 + i, 30), 1) for i in range(3))
+    ):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.new("RGB", size, (90, 20 * k, 200)).save(root / name, exif=exif)
+        made[name] = size[::-1] if orientation != 1 else size
+    paths = sorted(made)
+    found = scan.scan_images(root, paths, tmp_path / "c")
+    assert found.sizes == made and made["a/turned.jpg"] == (20, 40)
+    assert scan.scan_images(root, paths, tmp_path / "c").sizes == made  # remembered
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {"name": "folder", "root": str(root), "cache_dir": str(tmp_path / "c"), "split": [0.34, 0.33, 0.33]},
+    )
+    model = OmegaConf.create({"train_size": 16, "eval_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+    data = build_data(cfg, model)
+    for part in (data.train, data.val, data.test):
+        decoded = [tuple(part.image(i).shape[-2:]) for i in range(len(part))]
+        with monkeypatch.context() as patch:
+            patch.setattr(device_loader.Image, "open", lambda *a, **k: pytest.fail("a header was read"))
+            assert device_loader.stored_shapes(part) == decoded
+
+
+SCAN_UNDER_TORCHRUN = """
+import json, sys
+from omegaconf import OmegaConf
+from rethink.config import DataConfig
+from rethink.data import build_data, cache, images, scan
+from rethink.train import distributed
+
+world = distributed.torchrun_world()
+distributed.start(world, "cpu")
+read = []
+scan.inspect_image = lambda data: read.append(cache.content_digest(data)) or images.inspect_image(data)
+cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "folder", "root": sys.argv[1], "cache_dir": sys.argv[2]})
+model = OmegaConf.create({"train_size": 16, "eval_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+data = build_data(cfg, model, share=distributed.data_share(world))
+with open(f"{sys.argv[3]}/rank{world.rank}.json", "w") as f:
+    json.dump({"read": read, "fingerprint": data.fingerprint, "train": len(data.train)}, f)
+distributed.stop(world)
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_file_is_read_once_in_total_not_once_per_rank(tmp_path):
+    root, paths = jpeg_folder(tmp_path / "d", classes=4, per_class=75)  # 300 files
+    script = tmp_path / "scan_under_torchrun.py"
+    script.write_text(SCAN_UNDER_TORCHRUN)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        result = subprocess.run(
+            [*command, str(root), str(tmp_path / "c"), str(tmp_path / run)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    first = [json.loads((tmp_path / "first" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reads = Counter(first[0]["read"] + first[1]["read"])
+    assert len(reads) == len(paths) and set(reads.values()) == {1}  # every file once in total
+    assert [len(rank["read"]) for rank in first] == [150, 150]  # each rank its half, at once
+    second = [json.loads((tmp_path / "second" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [rank["read"] for rank in second] == [[], []]  # remembered: nothing read again
+    assert len({rank["fingerprint"] for rank in first + second}) == 1  # every rank has the same data set
+
+
+def test_a_download_happens_on_rank_0_first_then_on_the_others():
+    barrier, order = threading.Barrier(2), []
+    threads = [
+        threading.Thread(target=lambda r=r: scan.Share(r, 2, barrier.wait).first(lambda: order.append(r)))
+        for r in (1, 0)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert order == [0, 1]

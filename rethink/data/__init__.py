@@ -18,6 +18,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from omegaconf.errors import MissingMandatoryValue
@@ -33,7 +34,7 @@ from .folder import Listing, list_folder
 from .images import load_image
 from .loaders import make_loader, set_epoch
 from .preprocess import describe_eval_preprocessing, eval_images, file_images
-from .scan import scan_images
+from .scan import ALONE, Share, scan_images
 from .splits import (
     SPLITS,
     ManifestRow,
@@ -51,6 +52,7 @@ from .transforms import batch_mixer, eval_transform, normalize, stored_size, tra
 
 __all__ = [
     "DataBundle",
+    "Share",
     "batch_mixer",
     "build_data",
     "describe_eval_preprocessing",
@@ -66,6 +68,8 @@ __all__ = [
 log = logging.getLogger("rethink")
 
 DATASETS = ("flowers", "folder", "synthetic", "flowers102", "cifar10", "cifar100")
+DOWNLOADED = ("flowers", "flowers102", "cifar10", "cifar100")
+T = TypeVar("T")
 
 
 @dataclass
@@ -93,17 +97,18 @@ class DataBundle:
             (run_dir / "skipped_files.txt").write_text("\n".join(self.skipped) + "\n")
 
 
-def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBundle:
+def build_data(data_cfg, model_cfg, *, manifest: Path | None = None, share: Share = ALONE) -> DataBundle:
     """The data set `data_cfg` names, split, with the transforms `model_cfg`'s image sizes call for.
     `manifest`: a run's splits.csv, to rebuild exactly that run's splits of a file-based data set
     (without it the split is recomputed, which gives the same result while the files are unchanged);
-    an in-memory data set is recomputed and checked against it."""
+    an in-memory data set is recomputed and checked against it. `share`: this process's place among
+    torchrun's processes, which download first on rank 0 and share the scan (scan.Share)."""
     name = value(data_cfg.name)
     fractions = check_fractions(data_cfg.split)
     side = stored_size(model_cfg, data_cfg)  # also checks data.augment and data.crop_pct before anything is read
     seed = data_cfg.split_seed
     if name == "synthetic" or name in CIFAR:
-        classes, images, labels, paths, given = _in_memory(name, data_cfg)
+        classes, images, labels, paths, given = _download_first(name, share, lambda: _in_memory(name, data_cfg))
         bundle = _tensor_bundle(
             classes, images, labels, paths, assign_splits(labels, given, fractions, seed), model_cfg, data_cfg
         )
@@ -112,10 +117,15 @@ def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBund
                 f"{manifest}: the run's split is not the one data={name} gives now; was the manifest edited, or the data set's settings changed?"
             )
         return bundle
-    listing = _listing(name, data_cfg)
+    listing = _download_first(name, share, lambda: _listing(name, data_cfg))
     if manifest is not None:
         listing = _listing_from_manifest(listing.root, read_manifest(Path(manifest)), manifest)
-    return _file_bundle(listing, data_cfg, model_cfg, fractions, side, splits_given=manifest is not None)
+    return _file_bundle(listing, data_cfg, model_cfg, fractions, side, splits_given=manifest is not None, share=share)
+
+
+def _download_first(name: str, share: Share, work: Callable[[], T]) -> T:
+    """work(), on rank 0 first where it may download (the others then find the files)."""
+    return share.first(work) if name in DOWNLOADED else work()
 
 
 def _in_memory(name: str, data_cfg) -> tuple[list[str], torch.Tensor, list[int], list[str], list[str | None]]:
@@ -179,10 +189,12 @@ def _listing_from_manifest(root: Path, rows: list[ManifestRow], manifest: Path) 
     )
 
 
-def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, splits_given: bool) -> DataBundle:
+def _file_bundle(
+    listing: Listing, data_cfg, model_cfg, fractions, side: int, splits_given: bool, share: Share
+) -> DataBundle:
     root, classes = listing.root, listing.classes
     cache_root = cache_dir(data_cfg.cache_dir)
-    scan = scan_images(root, listing.paths, cache_root)
+    scan = scan_images(root, listing.paths, cache_root, share)
     skipped = [f"{root / path}: {why}" for path, why in scan.skipped.items()]
     if skipped:
         shown = "; ".join(skipped[:10]) + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "")
@@ -222,6 +234,7 @@ def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, sp
             train=split == "train",
             cache=cache,
             digests=[digests[i] for i in chosen],
+            sizes=[scan.sizes[paths[i]] for i in chosen],
         )
 
     manifest = manifest_rows(splits, labels, classes, paths)

@@ -9,6 +9,7 @@ workers there are, and a run resumed at epoch k sees what an uninterrupted run s
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -53,7 +54,8 @@ def with_seed(transform: Transform, image: torch.Tensor, seed: int) -> torch.Ten
 class FileImages(SeededImages):
     """Image files under `root`, each decoded with its shorter side at most `stored_side`. With a cache
     (which needs each file's content hash, `digests`) a file is decoded once and then read back as
-    raw uint8: the same pixels, faster."""
+    raw uint8: the same pixels, faster. `sizes`: each file's upright (width, height) at full size, as the scan
+    recorded it (one small array, not an object per file)."""
 
     def __init__(
         self,
@@ -64,6 +66,7 @@ class FileImages(SeededImages):
         stored_side: int,
         cache: ImageCache | None = None,
         digests: Sequence[str] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ):
         super().__init__(labels, transform)
         self.root = Path(root)
@@ -71,6 +74,7 @@ class FileImages(SeededImages):
         self.stored_side = stored_side
         self.cache = cache
         self.digests = list(digests) if digests is not None else None
+        self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2) if sizes is not None else None
 
     def image(self, index: int) -> torch.Tensor:
         path = self.root / self.paths[index]

@@ -25,10 +25,11 @@ def file_images(
     train: bool,
     cache: ImageCache | None = None,
     digests: Sequence[str] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> FileImages:
     """Files under `root`, decoded at `stored_size`, with the train or the eval transform."""
     transform = train_transform(model_cfg, data_cfg) if train else eval_transform(model_cfg, data_cfg)
-    return FileImages(root, paths, labels, transform, stored_size(model_cfg, data_cfg), cache, digests)
+    return FileImages(root, paths, labels, transform, stored_size(model_cfg, data_cfg), cache, digests, sizes)
 
 
 def eval_images(paths: Sequence[str | Path], model_cfg, data_cfg) -> FileImages:

@@ -8,14 +8,14 @@ and test accuracy are those of one process scoring the whole split.
 """
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as torch_dist
 
+from ..data.scan import Share
 from ..errors import UserError
 from .loop import EpochTotals, Evaluation
 
@@ -113,14 +113,9 @@ def agreed(stop: Callable[[], bool], world: World, device: torch.device) -> Call
     return stop if not world.distributed else (lambda: any_process(world, stop(), device))
 
 
-@contextmanager
-def main_first(world: World) -> Iterator[None]:
-    """Rank 0 runs the block first (downloads, scans, fills caches), then the others."""
-    if not world.is_main:
-        barrier(world)
-    yield
-    if world.is_main:
-        barrier(world)
+def data_share(world: World) -> Share:
+    """This process's share of the data's set-up (data.scan.Share): rank 0 downloads first, the scan is shared."""
+    return Share(world.rank, world.world_size, lambda: barrier(world))
 
 
 def gather(world: World, value: Any) -> list:
