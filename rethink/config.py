@@ -46,6 +46,7 @@ class Freeze(Enum):
 class Dataset(Enum):
     flowers = "flowers"
     folder = "folder"
+    imagenet = "imagenet"
     synthetic = "synthetic"
     flowers102 = "flowers102"
     cifar10 = "cifar10"

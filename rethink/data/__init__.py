@@ -7,7 +7,8 @@
     images = normalize(batch.to(device), cfg.model.mean, cfg.model.std)   # on the device
     eval_images(paths, cfg.model, cfg.data)[i]        # any file as the val/test splits present theirs
 
-data=flowers (tf_flowers, the default), folder (any class-per-folder tree), synthetic (drawn in memory),
+data=flowers (tf_flowers, the default), folder (any class-per-folder tree), imagenet (ImageNet-1k's
+train/ and val/ as they come; val/ is the test split), synthetic (drawn in memory),
 flowers102, cifar10, cifar100 (torchvision). File-based data sets are scanned once for unreadable
 files, split reproducibly (splits.py), identical files kept in one split, and decoded once into an
 on-disk cache (cache.py) that gives the same pixels as decoding every time (preprocess.py).
@@ -30,7 +31,7 @@ from ..errors import UserError
 from .cache import ImageCache, content_digest
 from .datasets import TensorImages
 from .flowers import locate_flowers
-from .folder import Listing, list_folder
+from .folder import IMAGENET_SPLIT_FOLDERS, Listing, list_folder
 from .images import load_image
 from .loaders import make_loader, set_epoch
 from .preprocess import describe_eval_preprocessing, eval_images, file_images
@@ -67,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger("rethink")
 
-DATASETS = ("flowers", "folder", "synthetic", "flowers102", "cifar10", "cifar100")
+DATASETS = ("flowers", "folder", "imagenet", "synthetic", "flowers102", "cifar10", "cifar100")
 DOWNLOADED = ("flowers", "flowers102", "cifar10", "cifar100")
 T = TypeVar("T")
 
@@ -153,6 +154,13 @@ def _listing(name: str, data_cfg) -> Listing:
                 "data=folder needs data.root=PATH: a folder with one folder of images per class (or train/ val/ test/ folders of those)"
             )
         return list_folder(Path(data_cfg.root).expanduser())
+    if name == "imagenet":
+        if _configured(data_cfg, "root") is None:
+            raise UserError(
+                "data=imagenet needs data.root=PATH: the folder holding ImageNet's train/ (class folders) and val/ "
+                "(class folders, or flat with its label file)"
+            )
+        return list_folder(Path(data_cfg.root).expanduser(), IMAGENET_SPLIT_FOLDERS)
     if name == "flowers102":
         return flowers102_listing(data_root(data_cfg.root))
     raise UserError(f"data.name={name}: allowed: {', '.join(DATASETS)}")
