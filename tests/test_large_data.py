@@ -161,9 +161,10 @@ def test_processes_share_the_scan_and_every_file_is_read_once_in_total(tmp_path,
 def test_a_scan_cut_short_keeps_what_it_found_and_the_rerun_reads_only_the_rest(tmp_path, monkeypatch, reads):
     root, paths = jpeg_folder(tmp_path / "d")
     counting = scan.inspect_image
+    fifty_first = cache.content_digest((root / paths[50]).read_bytes())
 
-    def interrupted(data):
-        if sum(reads.values()) >= 50:
+    def interrupted(data):  # a Ctrl-C while the 51st file is checked
+        if cache.content_digest(data) == fifty_first:
             raise KeyboardInterrupt
         return counting(data)
 
@@ -174,7 +175,7 @@ def test_a_scan_cut_short_keeps_what_it_found_and_the_rerun_reads_only_the_rest(
     first = Counter(reads)
     assert 50 <= sum(first.values()) < len(paths)
     remembered = cache.ScanRecords(tmp_path / "c", root).records
-    assert len(remembered) >= 50
+    assert sorted(remembered) == paths[:50]
     reads.clear()
     again = scan.scan_images(root, paths, tmp_path / "c")
     assert len(again.digests) == len(paths) and sum(reads.values()) == len(paths) - len(remembered)
@@ -187,10 +188,22 @@ def test_scan_records_are_saved_every_n_files_without_waiting_for_the_end(tmp_pa
         records.put(f"f{i}.jpg", (100 + i, 7), f"digest{i}", None, (8, 6))
     on_disk = cache.ScanRecords(tmp_path / "c", tmp_path).records  # what a kill now would leave
     assert sorted(on_disk) == sorted(f"f{i}.jpg" for i in range(10))
-    assert on_disk["f3.jpg"] == (103, 7, "digest3", None, (8, 6))
+    assert on_disk["f3.jpg"] == (103, 7, "digest3", None, 8, 6)
     records.save()
     assert len(cache.ScanRecords(tmp_path / "c", tmp_path).records) == 12
     assert len(list((tmp_path / "c" / "scans").rglob("*.json"))) == 1  # the scan's three parts gathered into one
+
+
+def test_records_of_the_version_before_sizes_are_scanned_again(tmp_path, reads):
+    root, paths = jpeg_folder(tmp_path / "d", classes=2, per_class=3)
+    old = {p: [(root / p).stat().st_size, (root / p).stat().st_mtime_ns, "0" * 32, None] for p in paths}
+    key = cache._short_hash(str(root.resolve()))
+    (tmp_path / "c" / "scans").mkdir(parents=True)
+    (tmp_path / "c" / "scans" / f"{key}.json").write_text(json.dumps(old))  # version 1: one JSON object, no sizes
+    found = scan.scan_images(root, paths, tmp_path / "c")
+    assert (
+        sum(reads.values()) == len(paths) and len(found.sizes) == len(paths) and "0" * 32 not in found.digests.values()
+    )
 
 
 def test_the_scan_records_each_images_upright_size_and_on_gpu_estimates_read_no_header(tmp_path, monkeypatch):

@@ -101,7 +101,7 @@ class ScanRecords:
         """(digest, error, (width, height) or None) remembered for this version (size, mtime_ns) of the file, or None."""
         record = self.records.get(path)
         if record and record[0] == stat[0] and record[1] == stat[1]:
-            return record[2], record[3], record[4]
+            return record[2], record[3], (record[4], record[5]) if record[4] else None
         return None  # unknown or changed
 
     def put(
@@ -112,7 +112,8 @@ class ScanRecords:
         if digest is None:
             self.records.pop(path, None)
             return
-        self.records[path] = self.pending[path] = (stat[0], stat[1], digest, error, size)
+        width, height = size or (0, 0)
+        self.records[path] = self.pending[path] = (stat[0], stat[1], digest, error, width, height)
         if len(self.pending) >= self.flush_every or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
@@ -153,7 +154,8 @@ class ScanRecords:
             "sizes": [r[0] for r in records.values()],
             "mtimes": [r[1] for r in records.values()],
             "digests": [r[2] for r in records.values()],
-            "shapes": [r[4] for r in records.values()],
+            "widths": [r[4] for r in records.values()],
+            "heights": [r[5] for r in records.values()],
             "errors": {str(i): r[3] for i, r in enumerate(records.values()) if r[3] is not None},
         }
         data = json.dumps(columns, separators=(",", ":")).encode()
@@ -179,16 +181,17 @@ def _read_parts(directory: Path) -> tuple[dict[str, tuple], list[Path]]:
 
 
 def _read_part(part: Path) -> dict[str, tuple]:
-    """A part file's records: path -> (size, mtime_ns, digest, error, (width, height) or None); {} when unreadable."""
+    """A part file's records: path -> (size, mtime_ns, digest, error, width, height), width and height 0 when not
+    known; {} when unreadable. (Built by zip, in C: 1.28M records in seconds.)"""
     try:
         columns = json.loads(part.read_bytes())
-        errors = columns["errors"]
-        return {
-            path: (size, mtime, digest, errors.get(str(i)), tuple(shape) if shape else None)
-            for i, (path, size, mtime, digest, shape) in enumerate(
-                zip(columns["paths"], columns["sizes"], columns["mtimes"], columns["digests"], columns["shapes"])
-            )
-        }
+        errors = [None] * len(columns["paths"])
+        for index, error in columns["errors"].items():
+            errors[int(index)] = error
+        values = zip(
+            columns["sizes"], columns["mtimes"], columns["digests"], errors, columns["widths"], columns["heights"]
+        )
+        return dict(zip(columns["paths"], values))
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, TypeError):
