@@ -391,3 +391,38 @@ def test_a_flat_split_folder_without_a_label_file_is_one_clear_error(tmp_path):
     (tmp_path / "in" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n" * 9)
     with pytest.raises(UserError, match="meta.mat"):
         folder.list_folder(tmp_path / "in")
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_on_a_folder_shares_its_scan_and_trains(tmp_path, unseeded):
+    root, paths = jpeg_folder(tmp_path / "d", classes=3, per_class=30)
+    args = [a for a in unseeded if not a.startswith(("data=", "data.images_per_class", "data.image_size"))]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(ROOT / "run.py"),
+    ]
+    result = subprocess.run(
+        [
+            *command,
+            *args,
+            "data=folder",
+            f"data.root={root}",
+            "trainer.epochs=1",
+            "trainer.image_grid=false",
+            "trainer.cpu_threads=1",
+            "seed=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checking 45 images in {root}, 90 among 2 processes" in (tmp_path / "run" / "run.log").read_text()
+    parts = list((tmp_path / "cache" / "scans").rglob("*.json"))  # conftest: RETHINK_CACHE=tmp_path/cache
+    assert len(parts) == 1 and len(json.loads(parts[0].read_text())["paths"]) == 90  # gathered by rank 0
