@@ -81,7 +81,7 @@ class ScanRecords:
     time) may succeed next time, so it is tried again.
 
     Kept in one folder per scanned folder and record version, as part files of compact JSON columns that
-    are only ever added whole (atomically) and read together, later ones first: a scan saves what it found
+    are only ever added whole (atomically) and read together, a later one over an earlier: a scan saves what it found
     every `flush_every` files or `flush_seconds` (so a kill keeps it), each process of a torchrun world its
     own parts, and at its end gathers its parts into one. `compact()` gathers every part into one file."""
 
