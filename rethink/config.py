@@ -47,6 +47,7 @@ class Freeze(Enum):
 class Dataset(Enum):
     flowers = "flowers"
     folder = "folder"
+    imagenet = "imagenet"
     synthetic = "synthetic"
     flowers102 = "flowers102"
     cifar10 = "cifar10"
@@ -219,6 +220,9 @@ class TrainerConfig:
         HOW, 1, allowed=AT_LEAST_1
     )  # sweep jobs launched in parallel share a GPU this many at a time (device=auto)
     sync_bn: bool = key(WHAT, False)  # under torchrun on GPUs: BatchNorm statistics over every process's batch
+    dist_timeout_min: float = key(
+        HOW, 60.0, allowed=POSITIVE
+    )  # under torchrun: how long a collective (a barrier at set-up included) waits for the other processes
     amp: Amp = key(HOW, Amp.auto, variant=True)
     channels_last: bool = key(HOW, True, variant=True)
     # GPU fast paths, each auto | true | false (README, Performance; rethink/train/fast_paths.py says what auto does)

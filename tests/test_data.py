@@ -332,7 +332,7 @@ def test_images_are_decoded_once_and_scans_remembered(tmp_path, monkeypatch):
         rethink.data.datasets, "load_image", lambda path, side=None: decodes.append(path) or load_image(path, side)
     )
     monkeypatch.setattr(
-        rethink.data.scan, "decode_error", lambda data: checks.append(1) or rethink.data.images.decode_error(data)
+        rethink.data.scan, "inspect_image", lambda data: checks.append(1) or rethink.data.images.inspect_image(data)
     )
     cfg = folder_cfg(root, cache_dir=str(tmp_path / "c"))
 

@@ -155,7 +155,7 @@ def test_a_failed_read_is_retried_next_run_and_a_failed_decode_is_remembered(tmp
         first = scan.scan_images(root, paths, tmp_path / "c")
     assert first.skipped["apple/apple_001.jpg"].startswith("cannot read") and "apple/broken.jpg" in first.skipped
     decodes = []
-    monkeypatch.setattr(scan, "decode_error", lambda data: decodes.append(1) or images.decode_error(data))
+    monkeypatch.setattr(scan, "inspect_image", lambda data: decodes.append(1) or images.inspect_image(data))
     again = scan.scan_images(root, paths, tmp_path / "c")
     assert "apple/apple_001.jpg" in again.digests and list(again.skipped) == ["apple/broken.jpg"]
     assert len(decodes) == 1  # only the file that could not be read was checked again

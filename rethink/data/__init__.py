@@ -7,7 +7,8 @@
     images = normalize(batch.to(device), cfg.model.mean, cfg.model.std)   # on the device
     eval_images(paths, cfg.model, cfg.data)[i]        # any file as the val/test splits present theirs
 
-data=flowers (tf_flowers, the default), folder (any class-per-folder tree, or a pack of one: packed.py), synthetic (drawn in memory),
+data=flowers (tf_flowers, the default), folder (any class-per-folder tree, or a pack of one: packed.py), imagenet (ImageNet-1k's
+train/ and val/ as they come; val/ is the test split), synthetic (drawn in memory),
 flowers102, cifar10, cifar100 (torchvision). File-based data sets are scanned once for unreadable
 files, split reproducibly (splits.py), identical files kept in one split, and decoded once into an
 on-disk cache (cache.py) that gives the same pixels as decoding every time (preprocess.py).
@@ -18,6 +19,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from omegaconf.errors import MissingMandatoryValue
@@ -29,12 +31,12 @@ from ..errors import UserError
 from .cache import ImageCache, content_digest
 from .datasets import TensorImages
 from .flowers import locate_flowers
-from .folder import Listing, list_folder
+from .folder import IMAGENET_SPLIT_FOLDERS, Listing, list_folder
 from .images import load_image
 from .loaders import make_loader, set_epoch
 from .packed import Pack, is_pack, read_pack
 from .preprocess import describe_eval_preprocessing, eval_images, file_images
-from .scan import scan_images
+from .scan import ALONE, Share, scan_images
 from .splits import (
     SPLITS,
     ManifestRow,
@@ -53,6 +55,7 @@ from .transforms import batch_mixer, eval_transform, normalize, stored_size, tra
 __all__ = [
     "file_listing",
     "DataBundle",
+    "Share",
     "batch_mixer",
     "build_data",
     "describe_eval_preprocessing",
@@ -67,7 +70,9 @@ __all__ = [
 
 log = logging.getLogger("rethink")
 
-DATASETS = ("flowers", "folder", "synthetic", "flowers102", "cifar10", "cifar100")
+DATASETS = ("flowers", "folder", "imagenet", "synthetic", "flowers102", "cifar10", "cifar100")
+DOWNLOADED = ("flowers", "flowers102", "cifar10", "cifar100")
+T = TypeVar("T")
 
 
 @dataclass
@@ -95,17 +100,18 @@ class DataBundle:
             (run_dir / "skipped_files.txt").write_text("\n".join(self.skipped) + "\n")
 
 
-def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBundle:
+def build_data(data_cfg, model_cfg, *, manifest: Path | None = None, share: Share = ALONE) -> DataBundle:
     """The data set `data_cfg` names, split, with the transforms `model_cfg`'s image sizes call for.
     `manifest`: a run's splits.csv, to rebuild exactly that run's splits of a file-based data set
     (without it the split is recomputed, which gives the same result while the files are unchanged);
-    an in-memory data set is recomputed and checked against it."""
+    an in-memory data set is recomputed and checked against it. `share`: this process's place among
+    torchrun's processes, which download first on rank 0 and share the scan (scan.Share)."""
     name = value(data_cfg.name)
     fractions = check_fractions(data_cfg.split)
     side = stored_size(model_cfg, data_cfg)  # also checks data.augment and data.crop_pct before anything is read
     seed = data_cfg.split_seed
     if name == "synthetic" or name in CIFAR:
-        classes, images, labels, paths, given = _in_memory(name, data_cfg)
+        classes, images, labels, paths, given = _download_first(name, share, lambda: _in_memory(name, data_cfg))
         bundle = _tensor_bundle(
             classes, images, labels, paths, assign_splits(labels, given, fractions, seed), model_cfg, data_cfg
         )
@@ -114,11 +120,18 @@ def build_data(data_cfg, model_cfg, *, manifest: Path | None = None) -> DataBund
                 f"{manifest}: the run's split is not the one data={name} gives now; was the manifest edited, or the data set's settings changed?"
             )
         return bundle
-    pack = read_pack(Path(data_cfg.root).expanduser()) if name == "folder" and _packed(data_cfg) else None
-    listing = pack.listing() if pack else file_listing(data_cfg)
+    pack = read_pack(Path(data_cfg.root).expanduser()) if _packed(data_cfg) else None
+    listing = pack.listing() if pack else _download_first(name, share, lambda: file_listing(data_cfg))
     if manifest is not None:
         listing = _listing_from_manifest(listing, read_manifest(Path(manifest)), manifest)
-    return _file_bundle(listing, data_cfg, model_cfg, fractions, side, splits_given=manifest is not None, pack=pack)
+    return _file_bundle(
+        listing, data_cfg, model_cfg, fractions, side, splits_given=manifest is not None, share=share, pack=pack
+    )
+
+
+def _download_first(name: str, share: Share, work: Callable[[], T]) -> T:
+    """work(), on rank 0 first where it may download (the others then find the files)."""
+    return share.first(work) if name in DOWNLOADED else work()
 
 
 def _in_memory(name: str, data_cfg) -> tuple[list[str], torch.Tensor, list[int], list[str], list[str | None]]:
@@ -138,7 +151,8 @@ def _in_memory(name: str, data_cfg) -> tuple[list[str], torch.Tensor, list[int],
 
 
 def _packed(data_cfg) -> bool:
-    root = _configured(data_cfg, "root")
+    """Whether data.root is a pack (task=pack) of a data=folder or data=imagenet tree."""
+    root = _configured(data_cfg, "root") if value(data_cfg.name) in ("folder", "imagenet") else None
     return root is not None and is_pack(Path(root).expanduser())
 
 
@@ -153,6 +167,13 @@ def file_listing(data_cfg) -> Listing:
                 "data=folder needs data.root=PATH: a folder with one folder of images per class (or train/ val/ test/ folders of those)"
             )
         return list_folder(Path(data_cfg.root).expanduser())
+    if name == "imagenet":
+        if _configured(data_cfg, "root") is None:
+            raise UserError(
+                "data=imagenet needs data.root=PATH: the folder holding ImageNet's train/ (class folders) and val/ "
+                "(class folders, or flat with its label file)"
+            )
+        return list_folder(Path(data_cfg.root).expanduser(), IMAGENET_SPLIT_FOLDERS)
     if name == "flowers102":
         return flowers102_listing(data_root(data_cfg.root))
     if name in DATASETS:
@@ -195,11 +216,11 @@ def _listing_from_manifest(listing: Listing, rows: list[ManifestRow], manifest: 
 
 
 def _file_bundle(
-    listing: Listing, data_cfg, model_cfg, fractions, side: int, splits_given: bool, pack: Pack | None
+    listing: Listing, data_cfg, model_cfg, fractions, side: int, splits_given: bool, share: Share, pack: Pack | None
 ) -> DataBundle:
     root, classes = listing.root, listing.classes
     cache_root = cache_dir(data_cfg.cache_dir)
-    scan = pack.scan_result() if pack else scan_images(root, listing.paths, cache_root)
+    scan = pack.scan_result() if pack else scan_images(root, listing.paths, cache_root, share)
     skipped = [f"{root / path}: {why}" for path, why in scan.skipped.items()]
     if skipped:
         shown = "; ".join(skipped[:10]) + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "")
@@ -239,6 +260,7 @@ def _file_bundle(
             train=split == "train",
             cache=cache,
             digests=[digests[i] for i in chosen],
+            sizes=[scan.sizes[paths[i]] for i in chosen],
             pack=pack,
         )
 

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -74,38 +75,135 @@ class ImageCache:
 
 class ScanRecords:
     """What a scan found for each file, keyed by path, size and modification time, so that a second
-    scan of an unchanged folder decodes nothing. One JSON file per scanned folder. Only files that
-    were read are remembered (with their content hash): a read that failed (EIO, a network file
-    system's hiccup, permissions, which chmod changes without touching the modification time) may
-    succeed next time, so it is tried again."""
+    scan of an unchanged folder decodes nothing: its content hash, why it does not decode (or None) and
+    its upright (width, height). Only files that were read are remembered: a read that failed (EIO, a
+    network file system's hiccup, permissions, which chmod changes without touching the modification
+    time) may succeed next time, so it is tried again.
 
-    def __init__(self, cache_root: Path, folder: Path):
+    Kept in one folder per scanned folder and record version, as part files of compact JSON columns that
+    are only ever added whole (atomically) and read together, a later one over an earlier: a scan saves what it found
+    every `flush_every` files or `flush_seconds` (so a kill keeps it), each process of a torchrun world its
+    own parts, and at its end gathers its parts into one. `compact()` gathers every part into one file."""
+
+    VERSION = 2  # 2: with the image's size (version 1, one JSON object without sizes, is scanned again)
+
+    def __init__(self, cache_root: Path, folder: Path, flush_every: int = 10_000, flush_seconds: float = 60.0):
         self.cache_root = Path(cache_root)
         key = _short_hash(str(Path(folder).resolve()))
-        self.file = self.cache_root / "scans" / f"{key}.json"
-        try:
-            self.records: dict[str, list] = json.loads(self.file.read_text())
-        except (OSError, ValueError):
-            self.records = {}
+        self.directory = self.cache_root / "scans" / f"{key}-v{self.VERSION}"
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self.records, self.loaded_parts = _read_parts(self.directory)
+        self.pending: dict[str, tuple] = {}  # found, not saved yet
+        self.saved_parts: list[Path] = []  # what this object saved so far, gathered into one by save()
+        self.last_flush = time.monotonic()
 
-    def get(self, path: str, stat: os.stat_result) -> tuple[str | None, str | None] | None:
-        """(digest, error) remembered for this version of the file, or None."""
+    def get(self, path: str, stat: tuple[int, int]) -> tuple[str, str | None, tuple[int, int] | None] | None:
+        """(digest, error, (width, height) or None) remembered for this version (size, mtime_ns) of the file, or None."""
         record = self.records.get(path)
-        if record and record[0] == stat.st_size and record[1] == stat.st_mtime_ns and record[2] is not None:
-            return record[2], record[3]
-        return None  # unknown, changed, or a read failure that older versions remembered
+        if record and record[0] == stat[0] and record[1] == stat[1]:
+            return record[2], record[3], (record[4], record[5]) if record[4] else None
+        return None  # unknown or changed
 
-    def put(self, path: str, stat: os.stat_result, digest: str | None, error: str | None) -> None:
-        """Remember a file's (content hash, why it cannot be decoded or None); a file that could not
-        be read (no hash) is forgotten instead."""
+    def put(
+        self, path: str, stat: tuple[int, int], digest: str | None, error: str | None, size: tuple[int, int] | None
+    ) -> None:
+        """Remember a file's (content hash, why it cannot be decoded or None, size or None); a file that could
+        not be read (no hash) is forgotten instead. Saves when enough was found since the last save."""
         if digest is None:
             self.records.pop(path, None)
-        else:
-            self.records[path] = [stat.st_size, stat.st_mtime_ns, digest, error]
+            return
+        width, height = size or (0, 0)
+        self.records[path] = self.pending[path] = (stat[0], stat[1], digest, error, width, height)
+        if len(self.pending) >= self.flush_every or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Save what was found since the last save, as a part file of its own."""
+        if self.pending and self._write(self.pending):
+            self.pending = {}
+        self.last_flush = time.monotonic()
 
     def save(self) -> None:
-        data = json.dumps(self.records, separators=(",", ":")).encode()
-        try_atomic_write(self.file, data, "scan", self.cache_root)
+        """Save what this scan found, as one part file (its earlier parts gathered into it)."""
+        if not self.saved_parts:
+            self.flush()
+            return
+        mine = {}
+        for part in self.saved_parts:
+            mine.update(_read_part(part))
+        mine.update(self.pending)
+        earlier, self.saved_parts = self.saved_parts, []
+        if self._write(mine):
+            self.pending = {}
+            _remove(earlier)
+
+    def compact(self) -> None:
+        """Gather every part file this object read or wrote into one (every record kept until the new file is in place)."""
+        parts = self.loaded_parts + self.saved_parts
+        if len(parts) + bool(self.pending) <= 1:
+            return
+        self.saved_parts = []
+        if self._write(dict(self.records)):
+            self.pending, self.loaded_parts = {}, []
+            _remove(parts)
+
+    def _write(self, records: dict[str, tuple]) -> bool:
+        part = self.directory / f"{time.time_ns():020d}-{os.getpid()}-{len(self.saved_parts)}.json"
+        columns = {
+            "paths": list(records),
+            "sizes": [r[0] for r in records.values()],
+            "mtimes": [r[1] for r in records.values()],
+            "digests": [r[2] for r in records.values()],
+            "widths": [r[4] for r in records.values()],
+            "heights": [r[5] for r in records.values()],
+            "errors": {str(i): r[3] for i, r in enumerate(records.values()) if r[3] is not None},
+        }
+        data = json.dumps(columns, separators=(",", ":")).encode()
+        if try_atomic_write(part, data, "scan", self.cache_root):
+            self.saved_parts.append(part)
+            return True
+        return False
+
+
+def _read_parts(directory: Path) -> tuple[dict[str, tuple], list[Path]]:
+    """Every part file's records (a later part's over an earlier's) and the parts read. A part that vanishes
+    meanwhile (gathered into another by a process beside this one) means reading the folder again."""
+    for _ in range(5):
+        try:
+            parts = sorted(directory.glob("*.json"))
+            records = {}
+            for part in parts:
+                records.update(_read_part(part))
+            return records, parts
+        except FileNotFoundError:
+            continue
+    return {}, []
+
+
+def _read_part(part: Path) -> dict[str, tuple]:
+    """A part file's records: path -> (size, mtime_ns, digest, error, width, height), width and height 0 when not
+    known; {} when unreadable. (Built by zip, in C: 1.28M records in seconds.)"""
+    try:
+        columns = json.loads(part.read_bytes())
+        errors = [None] * len(columns["paths"])
+        for index, error in columns["errors"].items():
+            errors[int(index)] = error
+        values = zip(
+            columns["sizes"], columns["mtimes"], columns["digests"], errors, columns["widths"], columns["heights"]
+        )
+        return dict(zip(columns["paths"], values))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _remove(parts: list[Path]) -> None:
+    for part in parts:
+        try:
+            part.unlink()
+        except OSError:
+            pass
 
 
 def content_digest(data: bytes) -> str:

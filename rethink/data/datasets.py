@@ -76,7 +76,8 @@ class Strings(Sequence[str]):
 class FileImages(SeededImages):
     """Image files under `root`, each decoded with its shorter side at most `stored_side`. With a cache
     (which needs each file's content hash, `digests`) a file is decoded once and then read back as
-    raw uint8: the same pixels, faster."""
+    raw uint8: the same pixels, faster. `sizes`: each file's upright (width, height) at full size, as the scan
+    recorded it (one small array, not an object per file)."""
 
     def __init__(
         self,
@@ -87,6 +88,7 @@ class FileImages(SeededImages):
         stored_side: int,
         cache: ImageCache | None = None,
         digests: Sequence[str] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ):
         super().__init__(labels, transform)
         self.root = Path(root)
@@ -94,6 +96,7 @@ class FileImages(SeededImages):
         self.stored_side = stored_side
         self.cache = cache
         self.digests = Strings(digests) if digests is not None else None
+        self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2) if sizes is not None else None
 
     def image(self, index: int) -> torch.Tensor:
         def decode() -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import value
 from .datasets import FileImages, SeededImages, TensorImages
 from .device_augment import crop_resize_flip, fill_store, random_resized_crop_flip, store_bytes, to_device
-from .images import shorter_side_size
+from .images import shorter_side_size, upright_size
 from .loaders import SeededSampler, default_num_workers
 
 log = logging.getLogger("rethink")
@@ -47,11 +47,14 @@ def share(size: int, shard: tuple[int, int] = (0, 1)) -> list[int]:
 
 
 def stored_shapes(dataset: SeededImages, indices: Sequence[int] | None = None) -> list[tuple[int, int]]:
-    """(height, width) of each image (of `indices`, default all) as the data set decodes it, from the files'
-    headers (nothing is decoded)."""
+    """(height, width) of each image (of `indices`, default all) as the data set decodes it: from the sizes
+    the scan recorded, else from the files' headers (nothing is decoded)."""
     indices = range(len(dataset)) if indices is None else indices
     if isinstance(dataset, TensorImages):
         return [tuple(dataset.images.shape[-2:])] * len(indices)
+    if isinstance(dataset, FileImages) and dataset.sizes is not None:
+        sizes = dataset.sizes[np.asarray(indices, dtype=np.int64)].tolist()
+        return [tuple(reversed(shorter_side_size(w, h, dataset.stored_side))) for w, h in sizes]
     if isinstance(dataset, FileImages):
         return [_decoded_shape(dataset.root / dataset.paths[i], dataset.stored_side) for i in indices]
     return [tuple(dataset.image(i).shape[-2:]) for i in indices]
@@ -66,9 +69,7 @@ def _decoded_shape(path, stored_side: int) -> tuple[int, int]:
     """load_image(path, stored_side)'s (height, width) as the header says (EXIF rotation included; a JPEG
     decoded at a reduced scale may come out a pixel off in its longer side)."""
     with Image.open(path) as image:
-        width, height = image.size
-        if (image.getexif().get(0x0112) or 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-            width, height = height, width
+        width, height = upright_size(image)
     width, height = shorter_side_size(width, height, stored_side)
     return height, width
 

@@ -4,6 +4,8 @@
     root/train/daisy/*.jpg, root/val/..., root/test/...    already split: used as it is
                                                            (valid/ or validation/ for val/; a missing
                                                            val/ or test/ is carved from train/)
+    root/train/n01440764/*.JPEG, root/val/*.JPEG           ImageNet's layout: a split folder without class
+                                                           folders is labelled by a label file (labels.py)
 Class names are the folder names, sorted. Files whose extension is not an image's are ignored.
 """
 
@@ -13,8 +15,12 @@ from pathlib import Path
 
 from ..errors import UserError
 from .images import IMAGE_EXTENSIONS, is_image_file
+from .labels import DEVKIT_FOLDER, flat_folder_labels
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# data=imagenet: val/ is the split the papers report, so it is the test split (val is carved from train/);
+# test/ (ImageNet's, without public labels) is left out
+IMAGENET_SPLIT_FOLDERS = {"train": "train", "val": "test", "test": None}
 
 
 @dataclass(frozen=True)
@@ -28,15 +34,17 @@ class Listing:
     splits: list[str | None]  # the split a file came in; None when the data set is not split
 
 
-def list_folder(root: Path) -> Listing:
+def list_folder(root: Path, split_folders_mean: dict[str, str | None] = SPLIT_FOLDERS) -> Listing:
+    """`split_folders_mean`: the split each split folder's name gives its images (None: left out)."""
     if not root.is_dir():
         raise UserError(f"data.root={root}: no such folder")
     folders = _subfolders(root)
-    split_folders = [f for f in folders if f.lower() in SPLIT_FOLDERS]
+    split_folders = [f for f in folders if f.lower() in split_folders_mean]
     if not split_folders:
         return _list_classes(root, "", split=None)
-    others = [f for f in folders if f not in split_folders]
-    splits = [SPLIT_FOLDERS[f.lower()] for f in split_folders]
+    others = [f for f in folders if f not in split_folders and f != DEVKIT_FOLDER.split("/")[0]]
+    split_folders = [f for f in split_folders if split_folders_mean[f.lower()] is not None]
+    splits = [split_folders_mean[f.lower()] for f in split_folders]
     if "train" not in splits or others:
         raise UserError(
             f"data.root={root}: holds {', '.join(f + '/' for f in folders)}; give either one folder per class, "
@@ -67,6 +75,8 @@ def _list_classes(root: Path, folder: str, split: str | None, known: list[str] |
     where = root / folder
     prefix = f"{folder}/" if folder else ""
     found_classes = _subfolders(where)
+    if not found_classes and known is not None:
+        return _list_flat(root, folder, split, known)
     if not found_classes:
         raise UserError(
             f"data.root={root}: {where} holds no class folders; put the images of each class in a folder named for it"
@@ -86,6 +96,25 @@ def _list_classes(root: Path, folder: str, split: str | None, known: list[str] |
     if not paths:
         raise UserError(f"data.root={root}: no images in {where} (looked for {' '.join(IMAGE_EXTENSIONS)})")
     return Listing(root, list(classes), paths, labels, [split] * len(paths))
+
+
+def _list_flat(root: Path, folder: str, split: str | None, classes: list[str]) -> Listing:
+    """A split folder of images without class folders (ImageNet's val/), labelled by its label file."""
+    files = [name for name in _image_files(root / folder) if "/" not in name]
+    if not files:
+        raise UserError(
+            f"data.root={root}: {root / folder} holds no class folders; put the images of each class in a folder named for it"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    class_of = flat_folder_labels(root, folder, files)
+    stranger = next((c for c in class_of.values() if c not in index), None)
+    if stranger is not None:
+        raise UserError(
+            f"data.root={root}: {folder}/'s label file names class {stranger}, which train/ does not have; every class needs training images"
+        )
+    return Listing(
+        root, list(classes), [f"{folder}/{f}" for f in files], [index[class_of[f]] for f in files], [split] * len(files)
+    )
 
 
 def _subfolders(folder: Path) -> list[str]:

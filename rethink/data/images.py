@@ -34,7 +34,19 @@ def open_rgb(source: str | Path | BinaryIO, shorter_side: int | None = None) -> 
     """Fully decode `source` into an RGB PIL image. With `shorter_side`, a JPEG is decoded at the
     strongest DCT reduction (1/2, 1/4, 1/8) that keeps its shorter side at least that long: much
     faster; the scan (`shorter_side=1`) and the image cache use it. Raises whatever PIL raises."""
-    image = Image.open(source)
+    return _decode(Image.open(source), shorter_side)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened, not yet decoded image as it stands once decoded: its header's size,
+    swapped when its EXIF orientation turns it by 90 degrees (nothing is decoded)."""
+    width, height = image.size
+    if (image.getexif().get(0x0112) or 1) in (5, 6, 7, 8):
+        return height, width
+    return width, height
+
+
+def _decode(image: Image.Image, shorter_side: int | None) -> Image.Image:
     if shorter_side is not None and image.format == "JPEG":
         image.draft("RGB", (shorter_side, shorter_side))
     image.load()
@@ -97,15 +109,22 @@ def load_image(path: str | Path, shorter_side: int | None = None, data: bytes | 
 
 
 def decode_error(data: bytes) -> str | None:
-    """None when `data` decodes fully into an RGB image, else why not (one short phrase).
-    JPEGs are decoded at 1/8 scale, which still reads every byte of the file."""
+    """None when `data` decodes fully into an RGB image, else why not (one short phrase)."""
+    return inspect_image(data)[1]
+
+
+def inspect_image(data: bytes) -> tuple[tuple[int, int] | None, str | None]:
+    """(the image's upright (width, height) at full size, why it does not decode fully into an RGB image): one
+    of them None. JPEGs are decoded at 1/8 scale, which still reads every byte of the file."""
     if not data:
-        return "empty file"
+        return None, "empty file"
     try:
-        open_rgb(io.BytesIO(data), shorter_side=1)
+        with Image.open(io.BytesIO(data)) as image:
+            size = upright_size(image)
+            _decode(image, shorter_side=1)
     except Exception as e:
-        return describe_error(e)
-    return None
+        return None, describe_error(e)
+    return size, None
 
 
 def describe_error(error: BaseException) -> str:

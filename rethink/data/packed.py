@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..atomic import atomic_write, atomic_write_json
 from ..errors import UserError
 from .cache import content_digest
 from .folder import Listing
-from .images import DECODER, decode_error
+from .images import DECODER, inspect_image
 from .scan import ScanResult
 from .splits import SPLITS
 
@@ -82,8 +81,10 @@ class Pack:
 
     def scan_result(self) -> ScanResult:
         names = [n.decode() for n in self.names]
-        digests = {name: d.decode() for name, d, s in zip(names, self.digests, self.shards) if s >= 0}
-        return ScanResult(digests, dict(self.errors))
+        usable = np.flatnonzero(self.shards >= 0).tolist()
+        digests = {names[i]: self.digests[i].decode() for i in usable}
+        sizes = {names[i]: (int(self.widths[i]), int(self.heights[i])) for i in usable}
+        return ScanResult(digests, dict(self.errors), sizes)
 
     def locations(self, names: list[str]) -> "ShardLocations":
         """Where the bytes of each of `names` lie, in that order."""
@@ -255,14 +256,14 @@ def _pack_shard(root: Path, names: list[str], labels: list[int], out: Path, numb
                 except OSError as e:
                     rows.append((-1, 0, 0, "", f"cannot read: {e.strerror or e}", 0, 0))
                     continue
-                error, digest = decode_error(data), content_digest(data)
+                (size, error), digest = inspect_image(data), content_digest(data)
                 if error is not None:
                     rows.append((-1, 0, 0, digest, error, 0, 0))
                     continue
                 key = f"{number:06d}{i:06d}"
                 offset = _add_member(tar, f"{key}{Path(name).suffix.lower()}", data)
                 _add_member(tar, f"{key}.cls", str(label).encode())  # as WebDataset's readers expect it
-                rows.append((number, offset, len(data), digest, None, *_decoded_size(data)))
+                rows.append((number, offset, len(data), digest, None, *size))
 
     atomic_write(out / "shards" / f"shard-{number:06d}.tar", write_tar, durable=True)
     columns = list(zip(*rows)) if rows else [()] * 7
@@ -284,15 +285,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     info.size, info.mode, info.mtime = len(data), 0o644, 0
     tar.addfile(info, io.BytesIO(data))
     return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-
-
-def _decoded_size(data: bytes) -> tuple[int, int]:
-    """(width, height) as load_image returns the image: EXIF orientation applied."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated a quarter turn
-            width, height = height, width
-    return width, height
 
 
 def _finish(listing: Listing, plan: dict, out: Path, seconds: float, files_now: int) -> dict:

@@ -27,6 +27,7 @@ def file_images(
     train: bool,
     cache: ImageCache | None = None,
     digests: Sequence[str] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
     pack: Pack | None = None,
 ) -> FileImages:
     """Files under `root` (or these files' bytes in `pack`), decoded at `stored_size`, with the train or the eval
@@ -34,8 +35,8 @@ def file_images(
     transform = train_transform(model_cfg, data_cfg) if train else eval_transform(model_cfg, data_cfg)
     side = stored_size(model_cfg, data_cfg)
     if pack is not None:
-        return PackedImages(pack.locations(list(paths)), paths, labels, transform, side, cache, digests)
-    return FileImages(root, paths, labels, transform, side, cache, digests)
+        return PackedImages(pack.locations(list(paths)), paths, labels, transform, side, cache, digests, sizes)
+    return FileImages(root, paths, labels, transform, side, cache, digests, sizes)
 
 
 def eval_images(paths: Sequence[str | Path], model_cfg, data_cfg) -> FileImages:

@@ -49,7 +49,7 @@ from . import benchmark_step
 
 log = logging.getLogger("rethink")
 
-FILE_BASED = ("flowers", "folder", "flowers102")
+FILE_BASED = ("flowers", "folder", "imagenet", "flowers102")
 PHOTO_SIZE = (500, 375)  # a typical tf_flowers photo
 
 

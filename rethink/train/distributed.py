@@ -8,13 +8,14 @@ and test accuracy are those of one process scoring the whole split.
 """
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from datetime import timedelta
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as torch_dist
 
+from ..data.scan import Share
 from ..errors import UserError
 from .loop import EpochTotals, Evaluation
 
@@ -45,8 +46,10 @@ def torchrun_world() -> World:
     )
 
 
-def start(world: World, device_name: str) -> Optional[torch.device]:
-    """Join the process group: NCCL on GPUs (one per process, by local rank), gloo on the CPU.
+def start(world: World, device_name: str, timeout_min: float = 60.0) -> Optional[torch.device]:
+    """Join the process group: NCCL on GPUs (one per process, by local rank), gloo on the CPU, whose
+    collectives wait `timeout_min` minutes (trainer.dist_timeout_min) for the other processes, not NCCL's
+    default 10: set-up on a large data set (listing, scanning its share of the files) takes longer.
     Returns the process's device, or None for a world of one (the trainer picks it as usual)."""
     if not world.distributed:
         return None
@@ -61,7 +64,11 @@ def start(world: World, device_name: str) -> Optional[torch.device]:
     if on_gpu:
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
+        torch_dist.init_process_group(
+            "nccl" if on_gpu else "gloo",
+            device_id=device if on_gpu else None,
+            timeout=timedelta(minutes=timeout_min),
+        )
     return device
 
 
@@ -106,14 +113,9 @@ def agreed(stop: Callable[[], bool], world: World, device: torch.device) -> Call
     return stop if not world.distributed else (lambda: any_process(world, stop(), device))
 
 
-@contextmanager
-def main_first(world: World) -> Iterator[None]:
-    """Rank 0 runs the block first (downloads, scans, fills caches), then the others."""
-    if not world.is_main:
-        barrier(world)
-    yield
-    if world.is_main:
-        barrier(world)
+def data_share(world: World) -> Share:
+    """This process's share of the data's set-up (data.scan.Share): rank 0 downloads first, the scan is shared."""
+    return Share(world.rank, world.world_size, lambda: barrier(world))
 
 
 def gather(world: World, value: Any) -> list:

@@ -187,7 +187,7 @@ def data_on_gpu_choice(
     step_bytes: Callable[[], int],
 ) -> Choice:
     """Whether the decoded training images live on the GPU. `store_bytes()`: what they need there, `step_bytes()`:
-    what the training step will need (only asked where it decides: reading every file's header takes a moment);
+    what the training step will need (only asked where it decides: files the scan did not size have their headers read);
     `free_bytes`: the GPU's free memory. The images may take ON_GPU_MEMORY_SHARE of it, and no more than what
     the step leaves."""
     if setting is False:

@@ -67,8 +67,7 @@ def fit(
     session = open_session(cfg, run_dir, job)
     run = None
     try:
-        with distributed.main_first(session.world):  # rank 0 downloads and scans; the others then find its caches
-            data = load_data(session, resumed)
+        data = load_data(session, resumed)
         run = prepare(session, data, resumed, layout)
         with open_report(session, run.progress.epoch if resumed else None) as report, session.listening():
             report.started(run, resumed is not None)
@@ -127,15 +126,17 @@ class TrainingRun:
 
 def load_data(session: Session, resumed: Optional[dict]) -> DataBundle:
     """The data set; a new run records its classes and split in the run folder, a resumed run keeps its own
-    split (its splits.csv), even if files were added since."""
+    split (its splits.csv), even if files were added since. Under torchrun rank 0 downloads first, and the
+    processes share the scan (each checks its share of the files, then reads the others' findings)."""
     cfg = session.cfg
+    share = distributed.data_share(session.world)
     if resumed is None:
-        data = build_data(cfg.data, cfg.model)
+        data = build_data(cfg.data, cfg.model, share=share)
         if session.world.is_main:
             data.write_run_files(session.run_dir)
         return data
     manifest = session.run_dir / "splits.csv"
-    data = build_data(cfg.data, cfg.model, manifest=manifest if manifest.is_file() else None)
+    data = build_data(cfg.data, cfg.model, manifest=manifest if manifest.is_file() else None, share=share)
     if list(data.classes) != list(resumed["classes"]):
         raise UserError(
             f"resume={session.run_dir}: the data's classes {data.classes} are not the run's {resumed['classes']}"

@@ -84,7 +84,7 @@ def open_session(cfg: DictConfig, run_dir: Path, job: Optional[int] = None) -> S
     world = distributed.torchrun_world()  # a world of one outside torchrun
     cpu_threads = set_cpu_threads(t.cpu_threads)
     seed_everything(cfg.seed, t.deterministic)
-    device = distributed.start(world, t.device) or resolve_device(t.device, job, t.jobs_per_gpu)
+    device = distributed.start(world, t.device, t.dist_timeout_min) or resolve_device(t.device, job, t.jobs_per_gpu)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # CUDA graphs capture on the current device, and a sweep job may run on cuda:1
     precision = resolve_precision(t.amp.value, device)
