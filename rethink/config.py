@@ -61,6 +61,11 @@ class Augment(Enum):
     trivialaugment = "trivialaugment"
 
 
+class Decode(Enum):
+    cpu = "cpu"
+    device = "device"
+
+
 class Amp(Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -179,6 +184,9 @@ class DataConfig:
     on_gpu: Any = key(
         HOW, "auto", allowed=SWITCH
     )  # training images resident on the GPU, cropped and flipped there (auto | true | false)
+    # where training images are decoded: cpu (loader workers, the default) | device (the training device decodes each
+    # batch's JPEGs and crops them there; loader workers read bytes: rethink/data/device_decode.py)
+    decode: Decode = key(HOW, Decode.cpu)
     cache_dir: Optional[str] = key(HOW, None)  # null: $RETHINK_CACHE, else ~/.cache/rethink/images
     # data=synthetic only
     num_classes: int = key(WHAT, 4, allowed=Allowed(lambda v: v >= 2, "at least 2"))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .cache import ImageCache
 from .images import load_image
 from .packed import ShardLocations
@@ -107,6 +108,14 @@ class FileImages(SeededImages):
     def decode(self, index: int) -> torch.Tensor:
         return load_image(self.root / self.paths[index], self.stored_side)
 
+    def read_bytes(self, index: int) -> bytes:
+        """The file's bytes as they are (data.decode=device decodes them)."""
+        path = self.root / self.paths[index]
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
 
 class PackedImages(FileImages):
     """The same images as FileImages, their bytes read from a pack's shards (data/packed.py) instead of files:
@@ -118,6 +127,9 @@ class PackedImages(FileImages):
 
     def decode(self, index: int) -> torch.Tensor:
         return load_image(self.paths[index], self.stored_side, data=self.locations.read(index))
+
+    def read_bytes(self, index: int) -> bytes:
+        return self.locations.read(index)
 
 
 class TensorImages(SeededImages):

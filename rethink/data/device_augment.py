@@ -353,6 +353,20 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def resize_centre_crop(store: ImageStore, index: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's Resize(size) (the shorter side to size, the longer to int(size * long / short)) of images
+    index[i] of the store, then CenterCrop(size) of that (its offset round((resized - size) / 2)): uint8
+    [B, 3, size, size] (data.augment=none)."""
+    index = index.cpu().long()
+    real = store.sizes[index]
+    short = real.min(1, keepdim=True).values
+    resized = torch.where(real == short, size, (size * real) // short)
+    offset = torch.round((resized - size) / 2).long()
+    whole = torch.cat([torch.zeros_like(real), real], 1)
+    no_flip = torch.zeros(len(index), dtype=torch.bool)
+    return crop_resize_flip(store, index, whole, no_flip, size, resize_to=resized, crop_at=offset)
+
+
 def random_resized_crop_flip(
     store: ImageStore,
     index: torch.Tensor,

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import value
 from .datasets import FileImages, SeededImages, TensorImages
-from .device_augment import crop_resize_flip, fill_store, random_resized_crop_flip, store_bytes, to_device
+from .device_augment import fill_store, random_resized_crop_flip, resize_centre_crop, store_bytes, to_device
 from .images import shorter_side_size, upright_size
 from .loaders import SeededSampler, default_num_workers
 
@@ -137,12 +137,4 @@ class DeviceLoader:
         """The batch of the store's images `index`."""
         if self.crop:  # boxes and flips from a CPU generator: the same crops whatever the device
             return random_resized_crop_flip(self.store, index, self.size, torch.Generator().manual_seed(seed))
-        # torchvision's Resize(size) (the shorter side to size, the longer to int(size * long / short)) of the whole
-        # image, then CenterCrop(size) of that (its offset round((resized - size) / 2))
-        real = self.store.sizes[index]
-        short = real.min(1, keepdim=True).values
-        resized = torch.where(real == short, self.size, (self.size * real) // short)
-        offset = torch.round((resized - self.size) / 2).long()
-        whole = torch.cat([torch.zeros_like(real), real], 1)
-        no_flip = torch.zeros(len(index), dtype=torch.bool)
-        return crop_resize_flip(self.store, index, whole, no_flip, self.size, resize_to=resized, crop_at=offset)
+        return resize_centre_crop(self.store, index, self.size)

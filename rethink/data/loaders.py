@@ -70,13 +70,15 @@ def make_loader(
     batch_size: int | None = None,
     limit_batches: int | None = None,
     shard: tuple[int, int] = (0, 1),
+    collate_fn=None,
 ) -> DataLoader:
     """Shuffled, augmented batches for training (the last incomplete batch dropped, unless the data
     set is smaller than one batch); the data set's order for evaluation. `limit_batches` (evaluation
     only; a training loop stops after its own count): the loader covers limit_batches * batch_size
     items (all of them when there are fewer), a stratified subset fixed by `data.split_seed`, the
     same every epoch and for every training seed. The data set needs `.labels` for it. `shard`:
-    (rank, world_size) under DDP, `batch_size` being per process (see SeededSampler)."""
+    (rank, world_size) under DDP, `batch_size` being per process (see SeededSampler). `collate_fn`: DataLoader's
+    (default: its default_collate)."""
     batch_size = batch_size or data_cfg.batch_size
     if batch_size < 1:
         raise UserError(f"data.batch_size={batch_size}: must be at least 1")
@@ -97,6 +99,7 @@ def make_loader(
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         drop_last=train and len(sampler) >= batch_size,
+        collate_fn=collate_fn,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
         multiprocessing_context=_worker_context() if workers > 0 else None,

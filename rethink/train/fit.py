@@ -19,7 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..config import value
 from ..data import DataBundle, build_data, make_loader, set_epoch
+from ..data.datasets import FileImages
+from ..data.device_decode import DecodingLoader
 from ..data.device_loader import DeviceLoader, device_bytes
 from ..data.loaders import shut_down_workers
 from ..environment import process_age_s
@@ -163,6 +166,8 @@ def prepare(session: Session, data: DataBundle, resumed: Optional[dict], layout:
     store_fitted = True
     if fast.data_on_gpu.on:  # the same batches, made on the device
         train_loader, store_fitted = device_loader(session, data.train, train_loader)
+    elif value(cfg.data.decode) == "device":
+        train_loader = decoding_loader(session, data.train, train_loader)
     learner = build_learner(cfg, network, session.precision, steps, num_classes)
     if resumed:
         restore_training_state(resumed, learner)
@@ -286,6 +291,19 @@ def decide_fast_paths(session: Session, train_set, steps: int, model: nn.Module)
         step_bytes=lambda graphs: fast_paths.step_reserve(
             model, cfg.data.batch_size, cfg.model.train_size, t.channels_last, graphs
         ),
+    )
+
+
+def decoding_loader(session: Session, dataset, cpu_loader) -> DecodingLoader:
+    """data.decode=device: the train loader whose batches the device decodes (its workers read bytes)."""
+    cfg = session.cfg
+    if not isinstance(dataset, FileImages):
+        raise UserError(f"data.decode=device decodes image files; data={value(cfg.data.name)} is held in memory")
+    if value(cfg.data.augment) not in ("flip_crop", "none"):
+        raise UserError(f"data.decode=device crops as data.augment=flip_crop or none; not {value(cfg.data.augment)}")
+    shut_down_workers(cpu_loader)
+    return DecodingLoader(
+        dataset, cfg.data, cfg.model.train_size, seed=cfg.seed, device=session.device, shard=session.world.shard
     )
 
 
