@@ -11,6 +11,7 @@ most 2x a steady one; training from images on the GPU at batch 128 within 10% of
 """
 
 import json
+import os
 import re
 import shutil
 import statistics
@@ -180,6 +181,13 @@ def figures(part: str, runs: Path, results: Path) -> list[str]:
                 f"{name}: {run['metrics']['epochs']} epochs, steady {steady(run['img_s']):.0f} img/s; {fast(run)}"
             )
         return lines
+    if part == "decode":
+        gpu, cpu = training(runs, "gpu-decode", results), training(runs, "cpu-decode", results)
+        return [
+            f"from a pack, uncached: decoded on the GPU {steady(gpu['img_s']):.0f} img/s, by the CPU loader "
+            f"{steady(cpu['img_s']):.0f} img/s ({os.cpu_count()} CPUs)",
+            f"GPU decode / CPU loader: {steady(gpu['img_s']) / steady(cpu['img_s']):.2f}x",
+        ]
     raise SystemExit(f"unknown part {part}")
 
 
