@@ -24,13 +24,13 @@ from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import Dataset
 
 from ..config import value
-from ..environment import cache_dir, data_root
+from ..environment import cache_dir, data_root, free_space
 from ..errors import UserError
-from .cache import ImageCache, content_digest
+from .cache import ImageCache, cache_decision, content_digest, estimate_cache_bytes
 from .datasets import TensorImages
 from .flowers import locate_flowers
 from .folder import Listing, list_folder
-from .images import load_image
+from .images import header_size, load_image
 from .loaders import make_loader, set_epoch
 from .preprocess import describe_eval_preprocessing, eval_images, file_images
 from .scan import scan_images
@@ -207,9 +207,7 @@ def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, sp
             "train/val/test (as given by its folders or splits.csv): those images are trained on and scored; remove the copies"
         )
 
-    cache = ImageCache(cache_root) if data_cfg.cache else None
-    if cache:
-        _announce_cache_build(cache, side, set(digests))
+    cache = _image_cache(data_cfg, cache_root, root, paths, digests, side)
 
     def subset(split: str) -> Dataset:
         chosen = [i for i, s in enumerate(splits) if s == split]
@@ -240,14 +238,44 @@ def _file_bundle(listing: Listing, data_cfg, model_cfg, fractions, side: int, sp
     return bundle
 
 
-def _announce_cache_build(cache: ImageCache, side: int, digests: set[str]) -> None:
-    """An info line when most images are not cached yet: the first epoch is then slower, and silent."""
-    missing = sum(not cache.entry(digest, side).is_file() for digest in digests)
-    if missing * 2 > len(digests):
-        log.info(
-            f"{missing} images are not in the image cache yet: each is decoded into the cache at {cache.folder(side)} "
-            "the first time it is read (a slower first pass over the data); later passes and runs read it back"
-        )
+def _image_cache(
+    data_cfg, cache_root: Path, root: Path, paths: list[str], digests: list[str], side: int
+) -> ImageCache | None:
+    """The decoded-image cache as data.cache and data.cache_max_gb decide it (cache.cache_decision), said in one
+    line: the entries this run still lacks, estimated from their images' sizes, against the free space and the
+    cap."""
+    setting = value(data_cfg.cache)
+    if setting is False:
+        return None
+    cache = ImageCache(cache_root)
+    present_bytes, missing = 0, {}
+    for path, digest in zip(paths, digests):
+        if digest in missing:
+            continue
+        try:
+            present_bytes += cache.entry(digest, side).stat().st_size
+        except OSError:
+            missing[digest] = path
+    estimate = estimate_cache_bytes(original_sizes(root, list(missing.values())), side)
+    free_bytes, _ = free_space(cache.folder(side))
+    cap = None if data_cfg.cache_max_gb is None else int(data_cfg.cache_max_gb * 1e9)
+    on, line = cache_decision(
+        setting, estimate, free_bytes, cap, present_bytes=present_bytes, where=str(cache.folder(side))
+    )
+    (log.warning if setting is True and not on else log.info)(line)
+    return ImageCache(cache_root, room=None if cap is None else cap - present_bytes) if on else None
+
+
+def original_sizes(root: Path, paths: list[str]) -> list[tuple[int, int]]:
+    """(width, height) of each image as it comes (EXIF rotation applied), read from the files' headers; a file
+    that can no longer be opened counts as nothing."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(header_size(root / path))
+        except Exception:  # whatever PIL raises for a file that vanished or changed since the scan
+            continue
+    return sizes
 
 
 def _require_training_images(

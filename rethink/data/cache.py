@@ -7,21 +7,29 @@ remembers what the decode returned, bit for bit: a run gets the same pixels with
 Every write goes to a temporary file that is then renamed, so concurrent loader workers and jobs never
 see half a file. A write that fails (disk full, read-only folder) is reported once and the run carries
 on uncached.
+
+The disk it may take is decided before a run reads anything (`cache_decision`): data.cache=auto turns the cache
+on only where the entries this run still lacks (estimated from the images' sizes) fit half the free space of
+the file system holding data.cache_dir and data.cache_max_gb; data.cache=true turns it off only where they do
+not fit the free space at all. Either way one line says what was decided. data.cache_max_gb also stops the
+writing once the run's entries reach it (`ImageCache.room`): the run goes on, uncached for the rest.
 """
 
 import hashlib
 import io
 import json
 import logging
+import math
+import multiprocessing
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_write_bytes
-from .images import DECODER
+from .images import DECODER, shorter_side_size
 
 log = logging.getLogger("rethink")
 
@@ -42,12 +50,76 @@ def try_atomic_write(path: Path, data: bytes, what: str, cache_root: Path) -> bo
         return False
 
 
-class ImageCache:
-    """Decoded images as uint8 HxWx3 .npy files, one folder per shorter side."""
+NPY_HEADER_BYTES = 128  # what np.save writes before a uint8 HxWx3 array's pixels (its header, padded to 64 bytes)
+FREE_SPACE_SHARE = (
+    0.5  # data.cache=auto takes at most this share of the free space: the run's checkpoints need room too
+)
 
-    def __init__(self, directory: Path):
+
+def entry_bytes(width: int, height: int, stored_side: int) -> int:
+    """The size of the cache entry of an image of (width, height) pixels decoded at `stored_side`."""
+    width, height = shorter_side_size(width, height, stored_side)
+    return width * height * 3 + NPY_HEADER_BYTES
+
+
+def estimate_cache_bytes(sizes: Iterable[tuple[int, int]], stored_side: int) -> int:
+    """The bytes the cache entries of images of these (width, height) sizes take, each decoded at `stored_side`."""
+    return sum(entry_bytes(width, height, stored_side) for width, height in sizes)
+
+
+def gigabytes(size: float) -> str:
+    return f"{size / 1e9:.2f} GB" if size < 1e11 else f"{size / 1e9:.0f} GB"
+
+
+def cache_decision(
+    setting, estimate_bytes: int, free_bytes: int, cap_bytes: Optional[int], *, present_bytes: int = 0, where: str = ""
+) -> tuple[bool, str]:
+    """Whether the decoded-image cache is on, and the line that says why. `setting`: data.cache (True, False or
+    "auto"); `estimate_bytes`: the entries this run still lacks; `free_bytes`: the free space of the file system
+    holding the cache (at `where`); `cap_bytes`: data.cache_max_gb in bytes (None: no cap), against which the
+    entries already there (`present_bytes`) count. A cache with nothing left to write is always on."""
+    if setting is False:
+        return False, ""
+    room = math.inf if cap_bytes is None else cap_bytes - present_bytes
+    needs = f"the images not cached yet need ~{gigabytes(estimate_bytes)} in {where}"
+    free = f"{gigabytes(free_bytes)} free there"
+    capped = (
+        "" if cap_bytes is None else f", data.cache_max_gb={cap_bytes / 1e9:g} with {gigabytes(present_bytes)} cached"
+    )
+    if estimate_bytes == 0:
+        return True, f"data.cache={_shown(setting)}: on, every image is cached in {where} ({gigabytes(present_bytes)})"
+    if setting is True:
+        if estimate_bytes > free_bytes:
+            return False, (
+                f"data.cache=true: off, {needs}, more than the {free}; the run goes on uncached (free space, "
+                "or set data.cache_dir to a larger disk)"
+            )
+        stops = "" if estimate_bytes <= room else "; the cap stops its writing before the end"
+        return True, f"data.cache=true: on, {needs} ({free}{capped}){stops}"
+    budget = min(free_bytes * FREE_SPACE_SHARE, room)
+    if estimate_bytes > budget:
+        return False, (
+            f"data.cache=auto: off, {needs}, more than {FREE_SPACE_SHARE:.0%} of the {free}{capped}; the run goes on "
+            "uncached (data.cache=true or a larger data.cache_max_gb insists, data.cache_dir=PATH moves it)"
+        )
+    return True, f"data.cache=auto: on, {needs} ({free}{capped}); the first pass over them decodes them (slower)"
+
+
+def _shown(setting) -> str:
+    return str(setting).lower()
+
+
+class ImageCache:
+    """Decoded images as uint8 HxWx3 .npy files, one folder per shorter side. `room`: the bytes it may still
+    write (data.cache_max_gb less what is there; None: no cap), counted over this process and every loader
+    worker it starts; once a write would pass it, the writing stops, with one warning."""
+
+    def __init__(self, directory: Path, room: Optional[int] = None):
         self.directory = Path(directory)
         self.writable = True
+        self.room = room
+        self._written = None if room is None else multiprocessing.Value("q", 0)  # shared with forked workers
+        self._warned = None if room is None else multiprocessing.Value("b", 0)
 
     def folder(self, shorter_side: int) -> Path:
         """One folder per shorter side and decoder: an entry another decoder made is never read back as this one's."""
@@ -68,8 +140,27 @@ class ImageCache:
         if self.writable:
             buffer = io.BytesIO()
             np.save(buffer, image.permute(1, 2, 0).contiguous().numpy())
-            self.writable = try_atomic_write(entry, buffer.getvalue(), "image", self.directory)
+            data = buffer.getvalue()
+            if self._fits(len(data)):
+                self.writable = try_atomic_write(entry, data, "image", self.directory)
         return image
+
+    def _fits(self, size: int) -> bool:
+        """Whether an entry of `size` bytes stays within the room; counted as written if so."""
+        if self.room is None:
+            return True
+        with self._written.get_lock():
+            if self._written.value + size <= self.room:
+                self._written.value += size
+                return True
+            first, self._warned.value = not self._warned.value, 1
+        self.writable = False
+        if first:
+            log.warning(
+                f"data.cache_max_gb: the image cache in {self.directory} reached its cap; the run goes on, decoding "
+                "the images not cached yet each time (a larger data.cache_max_gb, or null, caches them)"
+            )
+        return False
 
 
 class ScanRecords:

@@ -28,13 +28,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import value
 from .datasets import FileImages, SeededImages, TensorImages
 from .device_augment import crop_resize_flip, fill_store, random_resized_crop_flip, store_bytes, to_device
-from .images import shorter_side_size
+from .images import header_size, shorter_side_size
 from .loaders import SeededSampler, default_num_workers
 
 log = logging.getLogger("rethink")
@@ -65,11 +64,7 @@ def device_bytes(dataset: SeededImages, shard: tuple[int, int] = (0, 1)) -> int:
 def _decoded_shape(path, stored_side: int) -> tuple[int, int]:
     """load_image(path, stored_side)'s (height, width) as the header says (EXIF rotation included; a JPEG
     decoded at a reduced scale may come out a pixel off in its longer side)."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if (image.getexif().get(0x0112) or 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-            width, height = height, width
-    width, height = shorter_side_size(width, height, stored_side)
+    width, height = shorter_side_size(*header_size(path), stored_side)
     return height, width
 
 
