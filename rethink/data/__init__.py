@@ -260,7 +260,13 @@ def _image_cache(
     free_bytes, _ = free_space(cache.folder(side))
     cap = None if data_cfg.cache_max_gb is None else int(data_cfg.cache_max_gb * 1e9)
     on, line = cache_decision(
-        setting, estimate, free_bytes, cap, present_bytes=present_bytes, where=str(cache.folder(side))
+        setting,
+        estimate,
+        free_bytes,
+        cap,
+        present_bytes=present_bytes,
+        images=len(missing),
+        where=str(cache.folder(side)),
     )
     (log.warning if setting is True and not on else log.info)(line)
     return ImageCache(cache_root, room=None if cap is None else cap - present_bytes) if on else None

@@ -67,46 +67,51 @@ def estimate_cache_bytes(sizes: Iterable[tuple[int, int]], stored_side: int) -> 
     return sum(entry_bytes(width, height, stored_side) for width, height in sizes)
 
 
-def gigabytes(size: float) -> str:
-    return f"{size / 1e9:.2f} GB" if size < 1e11 else f"{size / 1e9:.0f} GB"
+def size_text(size: float) -> str:
+    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"
 
 
 def cache_decision(
-    setting, estimate_bytes: int, free_bytes: int, cap_bytes: Optional[int], *, present_bytes: int = 0, where: str = ""
+    setting,
+    estimate_bytes: int,
+    free_bytes: int,
+    cap_bytes: Optional[int],
+    *,
+    present_bytes: int = 0,
+    images: int = 0,
+    where: str = "the cache folder",
 ) -> tuple[bool, str]:
     """Whether the decoded-image cache is on, and the line that says why. `setting`: data.cache (True, False or
-    "auto"); `estimate_bytes`: the entries this run still lacks; `free_bytes`: the free space of the file system
-    holding the cache (at `where`); `cap_bytes`: data.cache_max_gb in bytes (None: no cap), against which the
-    entries already there (`present_bytes`) count. A cache with nothing left to write is always on."""
+    "auto"); `estimate_bytes`: the entries of the `images` images this run still lacks; `free_bytes`: the free
+    space of the file system holding the cache folder `where`; `cap_bytes`: data.cache_max_gb in bytes (None: no
+    cap), against which the run's entries already there (`present_bytes`) count. Nothing left to write: on."""
     if setting is False:
         return False, ""
-    room = math.inf if cap_bytes is None else cap_bytes - present_bytes
-    needs = f"the images not cached yet need ~{gigabytes(estimate_bytes)} in {where}"
-    free = f"{gigabytes(free_bytes)} free there"
-    capped = (
-        "" if cap_bytes is None else f", data.cache_max_gb={cap_bytes / 1e9:g} with {gigabytes(present_bytes)} cached"
-    )
+    shown = "true" if setting is True else "auto"
     if estimate_bytes == 0:
-        return True, f"data.cache={_shown(setting)}: on, every image is cached in {where} ({gigabytes(present_bytes)})"
-    if setting is True:
-        if estimate_bytes > free_bytes:
-            return False, (
-                f"data.cache=true: off, {needs}, more than the {free}; the run goes on uncached (free space, "
-                "or set data.cache_dir to a larger disk)"
-            )
-        stops = "" if estimate_bytes <= room else "; the cap stops its writing before the end"
-        return True, f"data.cache=true: on, {needs} ({free}{capped}){stops}"
-    budget = min(free_bytes * FREE_SPACE_SHARE, room)
+        return True, f"data.cache={shown}: on, every image is cached in {where} ({size_text(present_bytes)})"
+    room = math.inf if cap_bytes is None else cap_bytes - present_bytes
+    needs = f"{images} images not cached yet need ~{size_text(estimate_bytes)} in {where}"
+    free = f"{size_text(free_bytes)} free there"
+    capped = (
+        "" if cap_bytes is None else f", data.cache_max_gb={cap_bytes / 1e9:g} with {size_text(present_bytes)} cached"
+    )
+    budget = free_bytes if setting is True else min(free_bytes * FREE_SPACE_SHARE, room)
     if estimate_bytes > budget:
-        return False, (
-            f"data.cache=auto: off, {needs}, more than {FREE_SPACE_SHARE:.0%} of the {free}{capped}; the run goes on "
-            "uncached (data.cache=true or a larger data.cache_max_gb insists, data.cache_dir=PATH moves it)"
+        share, insist = (
+            ("the", "")
+            if setting is True
+            else (f"{FREE_SPACE_SHARE:.0%} of the", "data.cache=true or a larger data.cache_max_gb insists, ")
         )
-    return True, f"data.cache=auto: on, {needs} ({free}{capped}); the first pass over them decodes them (slower)"
-
-
-def _shown(setting) -> str:
-    return str(setting).lower()
+        return False, (
+            f"data.cache={shown}: off, {needs}, more than {share} {free}{capped}; the run goes on uncached "
+            f"({insist}data.cache_dir=PATH on a larger disk moves it)"
+        )
+    stops = "; data.cache_max_gb stops the writing before the end" if estimate_bytes > room else ""
+    return True, (
+        f"data.cache={shown}: on, {needs} ({free}{capped}): each is decoded into the cache the first time it is "
+        f"read (a slower first pass), later passes and runs read it back{stops}"
+    )
 
 
 class ImageCache:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.cache import size_text
 from ..environment import torchrun_rank
 from ..hydra_app import compose_config, explain, is_sweep_argument, planned_sweep, sweep_of
 from ..rundir import SWEEP_JOBS_ENV, SWEPT_KEYS_ENV, discard_refused_sweep, job_dir
@@ -100,8 +101,8 @@ def disk_footprint(folder: Path) -> tuple[int, int, int]:
 def footprint_line(folder: Path) -> str:
     runs, total, checkpoints = disk_footprint(folder)
     return (
-        f"sweep {folder}: {runs} run{'s' if runs != 1 else ''}, {total / 1e9:.2f} GB on disk "
-        f"(checkpoints {checkpoints / 1e9:.2f} GB)"
+        f"sweep {folder}: {runs} run{'s' if runs != 1 else ''}, {size_text(total)} on disk "
+        f"(checkpoints {size_text(checkpoints)})"
     )
 
 
