@@ -3,6 +3,7 @@ disk refuses as one line with the earlier one intact, best.pt with weights alone
 
 import errno
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+import rethink.atomic
 import rethink.data
-import rethink.train.checkpoint
+import rethink.train.session
 from rethink.config import DataConfig
 from rethink.data import build_data
 from rethink.data.cache import ImageCache, cache_decision, entry_bytes, estimate_cache_bytes
@@ -148,29 +150,57 @@ def test_a_run_whose_cache_does_not_fit_trains_uncached(tmp_path, tiny_overrides
 # checkpoints -----------------------------------------------------------------------------------------------
 
 
-def full_disk_after(monkeypatch, saves_that_work: int) -> None:
-    """torch.save in checkpoint.py writes `saves_that_work` checkpoints, then half of the next and fails as a
-    full disk does."""
-    real, calls = torch.save, [0]
+class FullDisk:
+    """A file that the file system refuses more than 100 kB of, once `full()`: as a full disk does, below
+    torch.save (whose zip writer reports it as its own RuntimeError)."""
 
-    def save(obj, f):
-        calls[0] += 1
-        if calls[0] <= saves_that_work:
-            return real(obj, f)
-        f.write(b"PK\x03\x04" + bytes(1000))
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def __init__(self, file, full):
+        self.file, self.full, self.written = file, full, 0
 
-    monkeypatch.setattr(rethink.train.checkpoint.torch, "save", save)
+    def write(self, data):
+        if self.full() and self.written + len(data) > 100_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written += len(data)
+        return self.file.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def disk_full_from_checkpoint(monkeypatch, number: int) -> None:
+    """Every file written atomically is refused past 100 kB from the run's `number`-th checkpoint on."""
+    saves = [0]
+    real_save = rethink.train.session.save_checkpoint
+
+    def counted(state, path):
+        saves[0] += 1
+        return real_save(state, path)
+
+    class OsWithAFullDisk:
+        def fdopen(self, fd, mode):
+            return FullDisk(os.fdopen(fd, mode), lambda: saves[0] >= number)
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+    monkeypatch.setattr(rethink.train.session, "save_checkpoint", counted)
+    monkeypatch.setattr(rethink.atomic, "os", OsWithAFullDisk())
 
 
 @pytest.mark.slow
 def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_earlier_one_resumes(tmp_path, tiny, monkeypatch):
-    full_disk_after(monkeypatch, saves_that_work=2)  # epoch 1's last.pt and best.pt; epoch 2's last.pt fails
+    disk_full_from_checkpoint(monkeypatch, 3)  # epoch 1's last.pt and best.pt fit; epoch 2's last.pt does not
     with pytest.raises(UserError) as refused:
         train(tiny("trainer.epochs=2"), tmp_path)
     line = str(refused.value)
     assert "\n" not in line and f"cannot write checkpoint {tmp_path / 'checkpoints' / 'last.pt'}" in line
-    assert "No space left on device" in line and "GB free there" in line and "epoch 1" in line
+    assert "No space left on device" in line and " free there" in line and "epoch 1" in line
     assert f"resume={tmp_path}" in line
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
@@ -181,8 +211,27 @@ def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_earlier_one_resumes(t
 
 
 @pytest.mark.slow
+def test_a_full_disk_anywhere_in_the_run_is_the_same_one_line(tmp_path, tiny, monkeypatch):
+    import rethink.train.report
+
+    real = rethink.train.report.Report.epoch
+
+    def epoch(self, record, progress):  # TensorBoard's writer meets the full disk first, before epoch 2's checkpoint
+        if record["epoch"] == 2:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp_path / "events.out.tfevents.1"))
+        return real(self, record, progress)
+
+    monkeypatch.setattr(rethink.train.report.Report, "epoch", epoch)
+    with pytest.raises(UserError) as refused:
+        train(tiny("trainer.epochs=2"), tmp_path)
+    line = str(refused.value)
+    assert line.startswith(f"cannot write {tmp_path / 'events.out.tfevents.1'} ({os.strerror(errno.EDQUOT)};")
+    assert "last.pt (epoch 1) is intact" in line and f"resume={tmp_path}" in line
+
+
+@pytest.mark.slow
 def test_a_first_checkpoint_the_disk_refuses_says_the_run_must_start_again(tmp_path, tiny, monkeypatch):
-    full_disk_after(monkeypatch, saves_that_work=0)
+    disk_full_from_checkpoint(monkeypatch, 1)
     with pytest.raises(UserError, match="before any checkpoint was saved"):
         train(tiny("trainer.epochs=1"), tmp_path)
     assert not list((tmp_path / "checkpoints").iterdir())

@@ -14,6 +14,7 @@ A checkpoint that cannot be written (a full disk, a quota) is one UserError line
 stays as it was, and no part of the new one is left behind.
 """
 
+import errno
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from ..atomic import atomic_write
+from ..data.cache import size_text
 from ..environment import free_space
 from ..errors import UserError, why_unreadable
 from ..models import build_model
@@ -131,6 +133,9 @@ def weights_state(state: dict) -> dict:
     return {k: v for k, v in state.items() if k not in TRAINING_ONLY}
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a full file system, a quota: what freeing space or moving the run fixes
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """Atomically, and flushed to the disk: a crash leaves the previous checkpoint intact. An OSError (a full
     disk, a quota, a read-only folder) is a UserError saying what to do."""
@@ -138,23 +143,24 @@ def save_checkpoint(state: dict, path: Path) -> None:
     try:
         atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f), durable=True)
     except OSError as e:
-        raise UserError(unwritable_checkpoint(path, e)) from None
+        raise UserError(unwritable(f"checkpoint {path}", e, path.parent)) from None
 
 
-def unwritable_checkpoint(path: Path, error: OSError) -> str:
-    """The one line for a checkpoint the file system refused: which file, why, the free space, what to do."""
+def unwritable(what: str, error: OSError, checkpoints: Path) -> str:
+    """The one line for a run whose file (`what`) the file system refused: which, why, the free space there, and
+    what to do, with the run's last.pt in `checkpoints` (which stays as it was)."""
     try:
-        free = f"{free_space(path.parent)[0] / 1e9:.2f} GB free there"
+        free = f"{size_text(free_space(checkpoints)[0])} free there"
     except OSError:
         free = "free space unknown"
-    last = path.parent / "last.pt"
+    last = checkpoints / "last.pt"
     kept = (
         f"the run stops; its last.pt (epoch {_epoch_of(last)}) is intact: free space, then continue with "
-        f"{resume_argument(path.parent.parent)}"
+        f"{resume_argument(checkpoints.parent)}"
         if last.is_file()
         else "the run stops before any checkpoint was saved: free space and start it again"
     )
-    return f"cannot write checkpoint {path} ({error.strerror or error}; {free}); {kept}"
+    return f"cannot write {what} ({error.strerror or error}; {free}); {kept}"
 
 
 def _epoch_of(path: Path) -> str:

@@ -30,12 +30,14 @@ from ..rundir import FOLDERS, resume_argument
 from . import distributed, fast_paths
 from . import progressive as progressive_learning
 from .checkpoint import (
+    DISK_FULL,
     Progress,
     chosen_weights,
     load_checkpoint,
     restore_training_state,
     rng_state,
     training_state,
+    unwritable,
     weights_state,
 )
 from .fast_paths import FastPaths
@@ -82,6 +84,10 @@ def fit(
             distributed.barrier(session.world)  # best.pt is written
             test, best_epoch = test_best(session, run)
             return report.finished(run, test, best_epoch)
+    except OSError as e:  # a full disk where the run writes (TensorBoard, metrics): one line, as for a checkpoint
+        if e.errno not in DISK_FULL:
+            raise
+        raise UserError(unwritable(e.filename or f"into {session.run_dir}", e, session.ckpt_dir)) from None
     finally:
         release(session, run)
 
