@@ -63,9 +63,9 @@ def test_the_cache_decision():
     on, line = cache_decision("auto", 4 * GB, 10 * GB, None, images=7, where="/c")
     assert on and line.startswith("data.cache=auto: on") and "7 images" in line and "10.00 GB free" in line
     on, line = cache_decision("auto", 6 * GB, 10 * GB, None, where="/c")
-    assert not on and "more than 50% of the 10.00 GB free" in line and "uncached" in line
+    assert not on and "more than 50% of the 10.00 GB free" in line and "uncached" in line and "true insists" in line
     on, line = cache_decision("auto", 2 * GB, 100 * GB, 3 * GB, present_bytes=2 * GB, where="/c")
-    assert not on and "data.cache_max_gb=3" in line  # 2 GB there and 2 GB more would pass the cap
+    assert not on and "data.cache_max_gb=3" in line and "a larger data.cache_max_gb" in line  # 2 + 2 GB > 3 GB
     on, line = cache_decision(True, 6 * GB, 10 * GB, None, where="/c")
     assert on and line.startswith("data.cache=true: on")  # true insists while it fits the free space at all
     on, line = cache_decision(True, 11 * GB, 10 * GB, None, where="/c")

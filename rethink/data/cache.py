@@ -101,7 +101,10 @@ def cache_decision(
         share, insist = (
             ("the", "")
             if setting is True
-            else (f"{FREE_SPACE_SHARE:.0%} of the", "data.cache=true or a larger data.cache_max_gb insists, ")
+            else (
+                f"{FREE_SPACE_SHARE:.0%} of the",
+                "a larger data.cache_max_gb allows it, " if estimate_bytes > room else "data.cache=true insists, ",
+            )
         )
         return False, (
             f"data.cache={shown}: off, {needs}, more than {share} {free}{capped}; the run goes on uncached "
