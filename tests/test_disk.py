@@ -264,3 +264,17 @@ def test_a_sweeps_footprint_counts_every_file_once(tmp_path):
     runs, total, checkpoints = disk_footprint(tmp_path)
     assert runs == 2 and 800_000 <= total < 900_000 and 600_000 <= checkpoints < 700_000
     assert footprint_line(tmp_path) == f"sweep {tmp_path}: 2 runs, 0.8 MB on disk (checkpoints 0.6 MB)"
+
+
+def test_a_sweep_prints_its_footprint_when_it_ends(tmp_path, capsys):
+    from rethink.tasks.sweep import SweepCallback
+
+    (tmp_path / "0_b0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "0_b0" / "checkpoints").mkdir()
+    (tmp_path / "0_b0" / "checkpoints" / "last.pt").write_bytes(bytes(2_000_000))
+    callback = SweepCallback()
+    callback._compare(tmp_path)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith(f"sweep {tmp_path}: 1 run, ") and printed[-1].endswith(
+        " MB on disk (checkpoints 2.0 MB)"
+    )  # with the comparison the sweep's end wrote beside it
