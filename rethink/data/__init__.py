@@ -248,10 +248,11 @@ def _image_cache(
     if setting is False:
         return None
     cache = ImageCache(cache_root)
-    present_bytes, missing = 0, {}
+    present_bytes, missing, seen = 0, {}, set()
     for path, digest in zip(paths, digests):
-        if digest in missing:
+        if digest in seen:  # identical files share one entry
             continue
+        seen.add(digest)
         try:
             present_bytes += cache.entry(digest, side).stat().st_size
         except OSError:
@@ -274,7 +275,7 @@ def _image_cache(
 
 def original_sizes(root: Path, paths: list[str]) -> list[tuple[int, int]]:
     """(width, height) of each image as it comes (EXIF rotation applied), read from the files' headers; a file
-    that can no longer be opened counts as nothing."""
+    that can no longer be opened counts as nothing. (Where the scan records each image's size, read them there.)"""
     sizes = []
     for path in paths:
         try:
