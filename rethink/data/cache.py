@@ -51,9 +51,8 @@ def try_atomic_write(path: Path, data: bytes, what: str, cache_root: Path) -> bo
 
 
 NPY_HEADER_BYTES = 128  # what np.save writes before a uint8 HxWx3 array's pixels (its header, padded to 64 bytes)
-FREE_SPACE_SHARE = (
-    0.5  # data.cache=auto takes at most this share of the free space: the run's checkpoints need room too
-)
+# data.cache=auto takes at most this share of the free space: the run's checkpoints need room too
+FREE_SPACE_SHARE = 0.5
 
 
 def entry_bytes(width: int, height: int, stored_side: int) -> int:
