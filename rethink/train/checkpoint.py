@@ -147,10 +147,12 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def unwritable(what: str, error: OSError, checkpoints: Path) -> str:
-    """The one line for a run whose file (`what`) the file system refused: which, why, the free space there, and
-    what to do, with the run's last.pt in `checkpoints` (which stays as it was)."""
+    """The one line for a run whose file (`what`) the file system refused: which, why, the free space there (where
+    the error names the file, else in `checkpoints`), and what to do, with the run's last.pt in `checkpoints`
+    (which stays as it was)."""
     try:
-        free = f"{size_text(free_space(checkpoints)[0])} free there"
+        folder = Path(error.filename).parent if isinstance(error.filename, str) else checkpoints
+        free = f"{size_text(free_space(folder)[0])} free there"
     except OSError:
         free = "free space unknown"
     last = checkpoints / "last.pt"
