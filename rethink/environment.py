@@ -84,3 +84,8 @@ def code_version(package: Path = PACKAGE_DIR) -> tuple[str, bool | None]:
 def torchrun_rank() -> int | None:
     """This process's rank under torchrun with more than one process, else None."""
     return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ else None
+
+
+def torchrun_processes() -> int:
+    """The processes of this torchrun (1 outside one)."""
+    return int(os.environ.get("WORLD_SIZE", 1)) if torchrun_rank() is not None else 1

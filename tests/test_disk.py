@@ -133,6 +133,17 @@ def test_the_cap_is_shared_by_the_loader_workers(tmp_path, caplog):
     assert len(list((tmp_path / "c").rglob("*.npy"))) == 2  # not two per worker
 
 
+def test_under_torchrun_each_process_gets_its_share_of_the_cap(tmp_path, monkeypatch):
+    root = photo_folder(tmp_path / "d")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    cap_gb = 4 * entry_bytes(48, 40, 114) / GB
+    bundle = build_data(folder_cfg(root, tmp_path / "c", cache=True, cache_max_gb=cap_gb), MODEL)
+    for i in range(len(bundle.train)):
+        bundle.train.image(i)
+    assert len(list((tmp_path / "c").rglob("*.npy"))) == 2  # the other process writes the other two
+
+
 @pytest.mark.slow
 def test_a_run_whose_cache_does_not_fit_trains_uncached(tmp_path, tiny_overrides, monkeypatch, caplog):
     root = photo_folder(tmp_path / "d", per_class=16)

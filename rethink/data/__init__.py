@@ -24,7 +24,7 @@ from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import Dataset
 
 from ..config import value
-from ..environment import cache_dir, data_root, free_space
+from ..environment import cache_dir, data_root, free_space, torchrun_processes, torchrun_rank
 from ..errors import UserError
 from .cache import ImageCache, cache_decision, content_digest, estimate_cache_bytes
 from .datasets import TensorImages
@@ -269,8 +269,11 @@ def _image_cache(
         images=len(missing),
         where=str(cache.folder(side)),
     )
-    (log.warning if setting is True and not on else log.info)(line)
-    return ImageCache(cache_root, room=None if cap is None else cap - present_bytes) if on else None
+    warn = setting is True and not on and not torchrun_rank()  # one line for a torchrun, not one per process
+    (log.warning if warn else log.info)(line)
+    # under torchrun each process decodes its own share of the images: each gets that share of the room
+    room = None if cap is None else (cap - present_bytes) // torchrun_processes()
+    return ImageCache(cache_root, room=room) if on else None
 
 
 def original_sizes(root: Path, paths: list[str]) -> list[tuple[int, int]]:
