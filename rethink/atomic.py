@@ -14,13 +14,20 @@ os.umask(_UMASK)
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool = False) -> None:
     """`write(f)` fills the file; `durable` also flushes it to the disk before the rename (for
-    checkpoints, not for cache entries). The file gets the usual permissions (0666 less the umask)."""
+    checkpoints, not for cache entries). The file gets the usual permissions (0666 less the umask). A write the
+    file system refuses (a full disk, a quota) raises its OSError, whatever `write` made of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            kept = _KeepsWriteErrors(f)
+            try:
+                write(kept)
+            except Exception:
+                if kept.error is not None:  # torch.save's zip writer reports ENOSPC as its own RuntimeError
+                    raise kept.error from None
+                raise
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
@@ -29,6 +36,23 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class _KeepsWriteErrors:
+    """A file that remembers the OSError its last failed write raised, and is otherwise the file itself."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -180,7 +180,12 @@ class DataConfig:
     crop_pct: float = key(
         WHAT, 0.875, allowed=Allowed(lambda v: 0 < v <= 1, "in (0, 1]")
     )  # eval: resize to eval_size / crop_pct, then centre-crop eval_size
-    cache: bool = key(HOW, True)  # the same pixels with or without it (data/cache.py)
+    cache: Any = key(
+        HOW, "auto", allowed=SWITCH
+    )  # the same pixels with or without it (data/cache.py); auto: on where it fits half the free space
+    cache_max_gb: Optional[float] = key(
+        HOW, None, allowed=Allowed(lambda v: v is None or v > 0, "null (no cap) or a positive number of GB")
+    )  # the most the image cache may hold of a run's images (1 GB = 10^9 bytes)
     on_gpu: Any = key(
         HOW, "auto", allowed=SWITCH
     )  # training images resident on the GPU, cropped and flipped there (auto | true | false)

@@ -5,6 +5,7 @@ imports nothing of the project."""
 import functools
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,6 +27,15 @@ def cache_dir(configured: str | None) -> Path:
 def _first_of(configured: str | None, variable: str, default_name: str) -> Path:
     chosen = configured or os.environ.get(variable)
     return Path(chosen).expanduser() if chosen else user_cache_home() / "rethink" / default_name
+
+
+def free_space(directory: Path) -> tuple[int, Path]:
+    """The free bytes of the file system that holds `directory` (which need not exist yet), and the folder
+    measured: its nearest existing parent."""
+    folder = Path(directory).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free, folder
 
 
 def downloads_allowed() -> bool:
@@ -84,3 +94,8 @@ def code_version(package: Path = PACKAGE_DIR) -> tuple[str, bool | None]:
 def torchrun_rank() -> int | None:
     """This process's rank under torchrun with more than one process, else None."""
     return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ else None
+
+
+def torchrun_processes() -> int:
+    """The processes of this torchrun (1 outside one)."""
+    return int(os.environ.get("WORLD_SIZE", 1)) if torchrun_rank() is not None else 1

@@ -5,6 +5,7 @@ one-batch dry run of every experiment."""
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,7 @@ def test_a_sweep_ends_with_its_comparison_and_task_compare_lists_a_failed_job(tm
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "| # | model.name | seeds |" in sweep.stdout and "Verdicts" in sweep.stdout  # the table on screen
+    assert re.search(r"^sweep \S*sweep: 4 runs, [\d.]+ [MG]B on disk \(checkpoints [\d.]+ [MG]B\)$", sweep.stdout, re.M)
     rows = list(csv.DictReader((tmp_path / "sweep" / "comparison.csv").open()))
     assert [(r["model.name"], r["seeds"], r["runs"]) for r in rows] == [("b0", "2", "2 done"), ("v2_s", "2", "2 done")]
     assert all(r["test_acc_std"] != "" and r["test_acc_ci_low"] != "" for r in rows)

@@ -26,9 +26,9 @@ from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import Dataset
 
 from ..config import value
-from ..environment import cache_dir, data_root
+from ..environment import cache_dir, data_root, free_space, torchrun_processes, torchrun_rank
 from ..errors import UserError
-from .cache import ImageCache, content_digest
+from .cache import ImageCache, cache_decision, content_digest, estimate_cache_bytes
 from .datasets import TensorImages
 from .flowers import locate_flowers
 from .folder import IMAGENET_SPLIT_FOLDERS, Listing, list_folder
@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("rethink")
+
+CACHE_SAMPLE = 20_000  # cache entries looked at to judge what a large data set has cached
 
 DATASETS = ("flowers", "folder", "imagenet", "synthetic", "flowers102", "cifar10", "cifar100")
 DOWNLOADED = ("flowers", "flowers102", "cifar10", "cifar100")
@@ -245,9 +247,7 @@ def _file_bundle(
             "train/val/test (as given by its folders or splits.csv): those images are trained on and scored; remove the copies"
         )
 
-    cache = ImageCache(cache_root) if data_cfg.cache else None
-    if cache:
-        _announce_cache_build(cache, side, set(digests))
+    cache = _image_cache(data_cfg, cache_root, paths, digests, scan.sizes, side)
 
     def subset(split: str) -> Dataset:
         chosen = [i for i, s in enumerate(splits) if s == split]
@@ -280,14 +280,45 @@ def _file_bundle(
     return bundle
 
 
-def _announce_cache_build(cache: ImageCache, side: int, digests: set[str]) -> None:
-    """An info line when most images are not cached yet: the first epoch is then slower, and silent."""
-    missing = sum(not cache.entry(digest, side).is_file() for digest in digests)
-    if missing * 2 > len(digests):
-        log.info(
-            f"{missing} images are not in the image cache yet: each is decoded into the cache at {cache.folder(side)} "
-            "the first time it is read (a slower first pass over the data); later passes and runs read it back"
-        )
+def _image_cache(
+    data_cfg, cache_root: Path, paths: list[str], digests: list[str], sizes: dict, side: int
+) -> ImageCache | None:
+    """The decoded-image cache as data.cache and data.cache_max_gb decide it (cache.cache_decision), said in one
+    line: the entries this run still lacks, estimated from their images' sizes as the scan recorded them, against
+    the free space and the cap. Past CACHE_SAMPLE distinct images, what is there and what is missing is judged from
+    an even sample of the entries (a stat each: a million of them would take a while on every process)."""
+    setting = value(data_cfg.cache)
+    if setting is False:
+        return None
+    cache = ImageCache(cache_root)
+    distinct = list(dict(zip(digests, paths)).items())  # identical files share one entry
+    step = max(1.0, len(distinct) / CACHE_SAMPLE)
+    sample = [distinct[int(k * step)] for k in range(min(len(distinct), CACHE_SAMPLE))]
+    present_bytes, missing = 0, []
+    for digest, path in sample:
+        try:
+            present_bytes += cache.entry(digest, side).stat().st_size
+        except OSError:
+            missing.append(path)
+    scale = len(distinct) / max(1, len(sample))
+    estimate = round(estimate_cache_bytes([sizes[path] for path in missing], side) * scale)
+    present_bytes = round(present_bytes * scale)
+    free_bytes, _ = free_space(cache.folder(side))
+    cap = None if data_cfg.cache_max_gb is None else int(data_cfg.cache_max_gb * 1e9)
+    on, line = cache_decision(
+        setting,
+        estimate,
+        free_bytes,
+        cap,
+        present_bytes=present_bytes,
+        images=round(len(missing) * scale),
+        where=str(cache.folder(side)),
+    )
+    warn = setting is True and not on and not torchrun_rank()  # one line for a torchrun, not one per process
+    (log.warning if warn else log.info)(line)
+    # under torchrun each process decodes its own share of the images: each gets that share of the room
+    room = None if cap is None else (cap - present_bytes) // torchrun_processes()
+    return ImageCache(cache_root, room=room) if on else None
 
 
 def _require_training_images(

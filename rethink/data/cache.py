@@ -7,22 +7,30 @@ remembers what the decode returned, bit for bit: a run gets the same pixels with
 Every write goes to a temporary file that is then renamed, so concurrent loader workers and jobs never
 see half a file. A write that fails (disk full, read-only folder) is reported once and the run carries
 on uncached.
+
+The disk it may take is decided before a run reads anything (`cache_decision`): data.cache=auto turns the cache
+on only where the entries this run still lacks (estimated from the images' sizes) fit half the free space of
+the file system holding data.cache_dir and data.cache_max_gb; data.cache=true turns it off only where they do
+not fit the free space at all. Either way one line says what was decided. data.cache_max_gb also stops the
+writing once the run's entries reach it (`ImageCache.room`): the run goes on, uncached for the rest.
 """
 
 import hashlib
 import io
 import json
 import logging
+import math
+import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_write_bytes
-from .images import DECODER
+from .images import DECODER, shorter_side_size
 
 log = logging.getLogger("rethink")
 
@@ -43,12 +51,83 @@ def try_atomic_write(path: Path, data: bytes, what: str, cache_root: Path) -> bo
         return False
 
 
-class ImageCache:
-    """Decoded images as uint8 HxWx3 .npy files, one folder per shorter side."""
+NPY_HEADER_BYTES = 128  # what np.save writes before a uint8 HxWx3 array's pixels (its header, padded to 64 bytes)
+# data.cache=auto takes at most this share of the free space: the run's checkpoints need room too
+FREE_SPACE_SHARE = 0.5
 
-    def __init__(self, directory: Path):
+
+def entry_bytes(width: int, height: int, stored_side: int) -> int:
+    """The size of the cache entry of an image of (width, height) pixels decoded at `stored_side`."""
+    width, height = shorter_side_size(width, height, stored_side)
+    return width * height * 3 + NPY_HEADER_BYTES
+
+
+def estimate_cache_bytes(sizes: Iterable[tuple[int, int]], stored_side: int) -> int:
+    """The bytes the cache entries of images of these (width, height) sizes take, each decoded at `stored_side`."""
+    return sum(entry_bytes(width, height, stored_side) for width, height in sizes)
+
+
+def size_text(size: float) -> str:
+    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"
+
+
+def cache_decision(
+    setting,
+    estimate_bytes: int,
+    free_bytes: int,
+    cap_bytes: Optional[int],
+    *,
+    present_bytes: int = 0,
+    images: int = 0,
+    where: str = "the cache folder",
+) -> tuple[bool, str]:
+    """Whether the decoded-image cache is on, and the line that says why. `setting`: data.cache (True, False or
+    "auto"); `estimate_bytes`: the entries of the `images` images this run still lacks; `free_bytes`: the free
+    space of the file system holding the cache folder `where`; `cap_bytes`: data.cache_max_gb in bytes (None: no
+    cap), against which the run's entries already there (`present_bytes`) count. Nothing left to write: on."""
+    if setting is False:
+        return False, ""
+    shown = "true" if setting is True else "auto"
+    if estimate_bytes == 0:
+        return True, f"data.cache={shown}: on, every image is cached in {where} ({size_text(present_bytes)})"
+    room = math.inf if cap_bytes is None else cap_bytes - present_bytes
+    needs = f"{images} images not cached yet need ~{size_text(estimate_bytes)} in {where}"
+    free = f"{size_text(free_bytes)} free there"
+    capped = (
+        "" if cap_bytes is None else f", data.cache_max_gb={cap_bytes / 1e9:g} with {size_text(present_bytes)} cached"
+    )
+    budget = free_bytes if setting is True else min(free_bytes * FREE_SPACE_SHARE, room)
+    if estimate_bytes > budget:
+        share, insist = (
+            ("the", "")
+            if setting is True
+            else (
+                f"{FREE_SPACE_SHARE:.0%} of the",
+                "a larger data.cache_max_gb allows it, " if estimate_bytes > room else "data.cache=true insists, ",
+            )
+        )
+        return False, (
+            f"data.cache={shown}: off, {needs}, more than {share} {free}{capped}; the run goes on uncached "
+            f"({insist}data.cache_dir=PATH on a larger disk moves it)"
+        )
+    stops = "; data.cache_max_gb stops the writing before the end" if estimate_bytes > room else ""
+    return True, (
+        f"data.cache={shown}: on, {needs} ({free}{capped}): each is decoded into the cache the first time it is "
+        f"read (a slower first pass), later passes and runs read it back{stops}"
+    )
+
+
+class ImageCache:
+    """Decoded images as uint8 HxWx3 .npy files, one folder per shorter side. `room`: the bytes it may still
+    write (data.cache_max_gb less what is there; None: no cap), counted over this process and every loader
+    worker it starts; once a write would pass it, the writing stops, with one warning."""
+
+    def __init__(self, directory: Path, room: Optional[int] = None):
         self.directory = Path(directory)
         self.writable = True
+        self.room = room
+        self._written = None if room is None else multiprocessing.Value("q", 0)  # shared with forked workers
+        self._warned = None if room is None else multiprocessing.Value("b", 0)
 
     def folder(self, shorter_side: int) -> Path:
         """One folder per shorter side and decoder: an entry another decoder made is never read back as this one's."""
@@ -69,8 +148,27 @@ class ImageCache:
         if self.writable:
             buffer = io.BytesIO()
             np.save(buffer, image.permute(1, 2, 0).contiguous().numpy())
-            self.writable = try_atomic_write(entry, buffer.getvalue(), "image", self.directory)
+            data = buffer.getvalue()
+            if self._fits(len(data)):
+                self.writable = try_atomic_write(entry, data, "image", self.directory)
         return image
+
+    def _fits(self, size: int) -> bool:
+        """Whether an entry of `size` bytes stays within the room; counted as written if so."""
+        if self.room is None:
+            return True
+        with self._written.get_lock():
+            if self._written.value + size <= self.room:
+                self._written.value += size
+                return True
+            first, self._warned.value = not self._warned.value, 1
+        self.writable = False
+        if first:
+            log.warning(
+                f"data.cache_max_gb: the image cache in {self.directory} reached its cap; the run goes on, decoding "
+                "the images not cached yet each time (a larger data.cache_max_gb, or null, caches them)"
+            )
+        return False
 
 
 class ScanRecords:

@@ -28,13 +28,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import value
 from .datasets import FileImages, SeededImages, TensorImages
 from .device_augment import fill_store, random_resized_crop_flip, resize_centre_crop, store_bytes, to_device
-from .images import shorter_side_size, upright_size
+from .images import header_size, shorter_side_size
 from .loaders import SeededSampler, default_num_workers
 
 log = logging.getLogger("rethink")
@@ -68,9 +67,7 @@ def device_bytes(dataset: SeededImages, shard: tuple[int, int] = (0, 1)) -> int:
 def _decoded_shape(path, stored_side: int) -> tuple[int, int]:
     """load_image(path, stored_side)'s (height, width) as the header says (EXIF rotation included; a JPEG
     decoded at a reduced scale may come out a pixel off in its longer side)."""
-    with Image.open(path) as image:
-        width, height = upright_size(image)
-    width, height = shorter_side_size(width, height, stored_side)
+    width, height = shorter_side_size(*header_size(path), stored_side)
     return height, width
 
 

@@ -84,6 +84,13 @@ def shorter_side_size(width: int, height: int, shorter_side: int) -> tuple[int, 
     return max(shorter_side, round(width * scale)), max(shorter_side, round(height * scale))
 
 
+def header_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the image file as load_image shows it (EXIF rotation included), from its header:
+    nothing is decoded."""
+    with Image.open(path) as image:
+        return upright_size(image)
+
+
 def resize_shorter_side(image: Image.Image, shorter_side: int) -> Image.Image:
     """Downscale so the shorter side is `shorter_side`; never upscale."""
     size = shorter_side_size(*image.size, shorter_side)

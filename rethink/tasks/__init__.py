@@ -54,8 +54,8 @@ def run_task(cfg: DictConfig):
         validate(cfg)
         return _tasks()[task](cfg, run_dir)
     except UserError as e:
+        run_log.error(f"error: {e}")  # first: on a full disk, logging's own report of a failed write goes to stderr
         print(f"error: {e}", file=sys.stderr)
-        run_log.error(f"error: {e}")
         FOLDERS.discard_refused_start(run_dir, keep_new_folder=app_is_sweep())  # nothing, once the run trained
         if app_is_sweep():
             raise

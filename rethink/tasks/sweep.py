@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.cache import size_text
 from ..environment import torchrun_rank
 from ..hydra_app import compose_config, explain, is_sweep_argument, planned_sweep, sweep_of
 from ..rundir import SWEEP_JOBS_ENV, SWEPT_KEYS_ENV, discard_refused_sweep, job_dir
@@ -71,6 +72,38 @@ class SweepCallback(Callback):
             log.warning(
                 f"could not compare the runs of {sweep_dir}: {e}; try python run.py task=compare compare.dirs=[{sweep_dir}]"
             )
+        try:
+            print(footprint_line(sweep_dir))
+        except OSError as e:  # a folder that vanished while it was measured
+            log.warning(f"could not measure the disk {sweep_dir} takes: {e}")
+
+
+def disk_footprint(folder: Path) -> tuple[int, int, int]:
+    """(runs, bytes on disk, of which checkpoints) of a sweep's folder: every file once (a hard link is not a
+    second copy), as the file system allocates it. The image cache under data.cache_dir is not counted: it is
+    shared with other sweeps, and measuring it means visiting each of its entries."""
+    seen: set[tuple[int, int]] = set()
+    total = checkpoints = 0
+    for directory, _, files in os.walk(folder):
+        in_checkpoints = Path(directory).name == "checkpoints"
+        for name in files:
+            stat = os.lstat(os.path.join(directory, name))
+            if (stat.st_dev, stat.st_ino) in seen:
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            size = getattr(stat, "st_blocks", 0) * 512 or stat.st_size
+            total += size
+            checkpoints += size if in_checkpoints else 0
+    runs = sum(1 for _ in Path(folder).glob("*/.hydra"))
+    return runs, total, checkpoints
+
+
+def footprint_line(folder: Path) -> str:
+    runs, total, checkpoints = disk_footprint(folder)
+    return (
+        f"sweep {folder}: {runs} run{'s' if runs != 1 else ''}, {size_text(total)} on disk "
+        f"(checkpoints {size_text(checkpoints)})"
+    )
 
 
 def list_jobs(arguments: Sequence[str]) -> int:

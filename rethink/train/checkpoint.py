@@ -7,10 +7,14 @@ reads it and a file from an untrusted source cannot run code:
     epoch (completed epochs), partial (the running totals of an epoch cut short by a signal, or None),
     steps_per_epoch, best_val_acc, best_epoch, train_time_s, train_images, history,
     config (the resolved run config), classes, rng (torch's random state by rank, after a signal, or None).
+That is last.pt, which a resume continues. best.pt, which eval, predict, export and the test split read, is the
+same without what only a resume needs (`weights_state`: no optimizer, scheduler, scaler or random state).
+
+A checkpoint that cannot be written (a full disk, a quota) is one UserError line; the file it would have replaced
+stays as it was, and no part of the new one is left behind.
 """
 
-import os
-import shutil
+import errno
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,8 +22,11 @@ from typing import Any, Optional
 import torch
 
 from ..atomic import atomic_write
+from ..data.cache import size_text
+from ..environment import free_space
 from ..errors import UserError, why_unreadable
 from ..models import build_model
+from ..rundir import resume_argument
 
 FORMAT = "rethink-checkpoint"
 VERSION = 1
@@ -117,21 +124,52 @@ def rng_state() -> dict:
     return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
 
 
+TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # what only a resume needs
+
+
+def weights_state(state: dict) -> dict:
+    """`state` as best.pt holds it: the weights (and EMA), config, classes and progress, without what only a
+    resume needs; readable by everything that reads a checkpoint except a resume."""
+    return {k: v for k, v in state.items() if k not in TRAINING_ONLY}
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a full file system, a quota: what freeing space or moving the run fixes
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Atomically, and flushed to the disk: a crash leaves the previous checkpoint intact."""
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f), durable=True)
-
-
-def copy_checkpoint(src: Path, dst: Path) -> None:
-    """dst becomes the same file as src (a hard link where the file system allows, else a copy),
-    atomically."""
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
+    """Atomically, and flushed to the disk: a crash leaves the previous checkpoint intact. An OSError (a full
+    disk, a quota, a read-only folder) is a UserError saying what to do."""
+    path = Path(path)
     try:
-        os.link(src, tmp)
+        atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f), durable=True)
+    except OSError as e:
+        raise UserError(unwritable(f"checkpoint {path}", e, path.parent)) from None
+
+
+def unwritable(what: str, error: OSError, checkpoints: Path) -> str:
+    """The one line for a run whose file (`what`) the file system refused: which, why, the free space there (where
+    the error names the file, else in `checkpoints`), and what to do, with the run's last.pt in `checkpoints`
+    (which stays as it was)."""
+    try:
+        folder = Path(error.filename).parent if isinstance(error.filename, str) else checkpoints
+        free = f"{size_text(free_space(folder)[0])} free there"
     except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        free = "free space unknown"
+    last = checkpoints / "last.pt"
+    kept = (
+        f"the run stops; its last.pt (epoch {_epoch_of(last)}) is intact: free space, then continue with "
+        f"{resume_argument(checkpoints.parent)}"
+        if last.is_file()
+        else "the run stops before any checkpoint was saved: free space and start it again"
+    )
+    return f"cannot write {what} ({error.strerror or error}; {free}); {kept}"
+
+
+def _epoch_of(path: Path) -> str:
+    try:
+        return str(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch", "?"))
+    except Exception:  # the line must be written whatever the file holds
+        return "?"
 
 
 def load_checkpoint(path: Any, key: str = "ckpt") -> dict:

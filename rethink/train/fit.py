@@ -34,13 +34,15 @@ from ..rundir import FOLDERS, resume_argument
 from . import distributed, fast_paths
 from . import progressive as progressive_learning
 from .checkpoint import (
+    DISK_FULL,
     Progress,
     chosen_weights,
-    copy_checkpoint,
     load_checkpoint,
     restore_training_state,
     rng_state,
     training_state,
+    unwritable,
+    weights_state,
 )
 from .fast_paths import FastPaths
 from .loop import (
@@ -85,6 +87,10 @@ def fit(
             distributed.barrier(session.world)  # best.pt is written
             test, best_epoch = test_best(session, run)
             return report.finished(run, test, best_epoch)
+    except OSError as e:  # a full disk where the run writes (TensorBoard, metrics): one line, as for a checkpoint
+        if e.errno not in DISK_FULL:
+            raise
+        raise UserError(unwritable(e.filename or f"into {session.run_dir}", e, session.ckpt_dir)) from None
     finally:
         release(session, run)
 
@@ -428,10 +434,13 @@ def score(session: Session, run: TrainingRun, module: nn.Module, loader, name: s
 
 
 def save_epoch(session: Session, run: TrainingRun) -> None:
-    """checkpoints/last.pt after every epoch; best.pt the same file when the epoch is the best so far."""
-    session.save(run.state(), "last.pt")
-    if run.progress.best_epoch == run.progress.epoch and session.world.is_main:
-        copy_checkpoint(session.ckpt_dir / "last.pt", session.ckpt_dir / "best.pt")
+    """checkpoints/last.pt after every epoch; best.pt, its weights alone (weights_state), when the epoch is the best
+    so far: written then, not at the end, so that a run stopped at any point leaves a best.pt that eval, predict
+    and export read. A checkpoint the disk refuses ends the run in one line (save_checkpoint)."""
+    state = run.state()
+    session.save(state, "last.pt")
+    if run.progress.best_epoch == run.progress.epoch:
+        session.save(weights_state(state), "best.pt")
 
 
 def test_best(session: Session, run: TrainingRun) -> tuple[Evaluation, int]:
