@@ -4,6 +4,7 @@ disk refuses as one line with the earlier one intact, best.pt with weights alone
 import errno
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,20 @@ def test_a_cache_with_room_is_on_and_says_so(tmp_path, caplog):
     assert bundle.train.cache is not None
     said = lines(caplog)
     assert len(said) == 1 and said[0].startswith("data.cache=auto: on, 24 images") and "0.1 MB" in said[0]
+
+
+def test_a_large_data_sets_cache_is_judged_from_a_sample_of_its_entries(tmp_path, monkeypatch, caplog):
+    root = photo_folder(tmp_path / "d")
+    build_data(folder_cfg(root, tmp_path / "c"), MODEL).train.image(0)  # one entry cached
+    monkeypatch.setattr(rethink.data, "CACHE_SAMPLE", 6)  # of the 24 distinct images, every 4th is looked at
+    looked = []
+    real_entry = ImageCache.entry
+    monkeypatch.setattr(ImageCache, "entry", lambda self, *a: looked.append(a) or real_entry(self, *a))
+    with caplog.at_level(logging.INFO, logger="rethink"):
+        build_data(folder_cfg(root, tmp_path / "c"), MODEL)
+    assert len(looked) == 6
+    counted = int(re.match(r"data.cache=auto: on, (\d+) images", lines(caplog)[0])[1])
+    assert counted in (20, 24)  # the missing entries among the 6 looked at, times 4 (20 if the cached one was)
 
 
 def test_the_cap_stops_the_writing_with_one_warning_and_the_images_stay_the_same(tmp_path, caplog):

@@ -232,7 +232,7 @@ def test_the_scan_records_each_images_upright_size_and_on_gpu_estimates_read_no_
     for part in (data.train, data.val, data.test):
         decoded = [tuple(part.image(i).shape[-2:]) for i in range(len(part))]
         with monkeypatch.context() as patch:
-            patch.setattr(device_loader.Image, "open", lambda *a, **k: pytest.fail("a header was read"))
+            patch.setattr(images.Image, "open", lambda *a, **k: pytest.fail("a header was read"))
             assert device_loader.stored_shapes(part) == decoded
 
 
