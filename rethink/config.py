@@ -191,7 +191,7 @@ class DataConfig:
     )  # training images resident on the GPU, cropped and flipped there (auto | true | false)
     # where training images are decoded: cpu (loader workers, the default) | device (the training device decodes each
     # batch's JPEGs and crops them there; loader workers read bytes: rethink/data/device_decode.py)
-    decode: Decode = key(HOW, Decode.cpu)
+    decode: Decode = key(WHAT, Decode.cpu)  # a what-key: the crops come from another decode of the image
     cache_dir: Optional[str] = key(HOW, None)  # null: $RETHINK_CACHE, else ~/.cache/rethink/images
     # data=synthetic only
     num_classes: int = key(WHAT, 4, allowed=Allowed(lambda v: v >= 2, "at least 2"))
