@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,7 @@ def first_step(args: list[str], processes: int, cache: Path, run_dir: Path) -> d
         if found and seconds is None:
             seconds = float(found.group(1))
             wall = time.monotonic() - started
-            process.send_signal(signal.SIGTERM) if processes == 1 else _stop_tree(process)
+            _stop(process)
     process.wait()
     peak = next((int(line.split()[1]) for line in lines if line.startswith("PEAK_KB")), None)
     if seconds is None:
@@ -77,9 +76,9 @@ def first_step(args: list[str], processes: int, cache: Path, run_dir: Path) -> d
     }
 
 
-def _stop_tree(process: subprocess.Popen) -> None:
-    subprocess.run(["pkill", "-TERM", "-P", str(process.pid)], check=False)  # /usr/bin/time's child: torchrun
-    time.sleep(0.5)
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to /usr/bin/time's child (run.py, or torchrun, which passes it on), so that time reports."""
+    subprocess.run(["pkill", "-TERM", "-P", str(process.pid)], check=False)
 
 
 def pack(folder: Path, out: Path, cache: Path, run_dir: Path) -> dict:
@@ -116,29 +115,69 @@ def measure(files: int, work: Path) -> dict:
 
 
 def growth(results: list[dict], key: str, field: str = "first_step_s") -> dict:
-    """Least squares of `field` on the number of files: per-file cost, fixed cost, and at ImageNet-1k."""
+    """Least squares of `field` (seconds, or MB for peak_mb) on the number of files: the cost per file (us or KB),
+    the fixed cost, and the fit at ImageNet-1k's number of files."""
     x = np.array([r["files"] for r in results], dtype=float)
     y = np.array([r[key][field] for r in results], dtype=float)
     slope, intercept = np.polyfit(x, y, 1) if len(x) > 1 else (0.0, y[0])
+    unit, per_file = ("kb", slope * 1024) if field == "peak_mb" else ("us", slope * 1e6)
     return {
-        "per_file_us": round(slope * 1e6, 2),
-        "fixed_s": round(intercept, 2),
-        "imagenet_s": round(intercept + slope * IMAGENET_FILES, 1),
+        f"per_file_{unit}": round(per_file, 2),
+        "fixed": round(intercept, 2),
+        "imagenet": round(intercept + slope * IMAGENET_FILES, 1),
     }
+
+
+def tiled_pack(source: Path, out: Path, files: int) -> None:
+    """A pack of `files` entries made from `source`'s: its index repeated (each copy under other names and content
+    hashes), pointing at its shards. What a run reads before its first step, at ImageNet's number of files."""
+    index = dict(np.load(source / "index.npz"))
+    copies = -(-files // len(index["names"]))
+    tiled = {name: np.tile(column, copies)[:files] for name, column in index.items()}
+    copy_of = np.repeat(np.arange(copies), len(index["names"]))[:files]
+    tiled["names"] = np.array([b"c%04d/%s" % (int(c), n) for c, n in zip(copy_of, tiled["names"])])
+    rng = np.random.default_rng(0)
+    tiled["digests"] = np.array([d and rng.bytes(16).hex().encode() for d in tiled["digests"]], dtype="S32")
+    out.mkdir(parents=True)
+    (out / "shards").symlink_to(source / "shards")
+    np.savez(out / "index.npz", **tiled)
+    description = json.loads((source / "pack.json").read_text())
+    description["unusable"] = {
+        f"c{c:04d}/{name}": why for c in range(copies) for name, why in description["unusable"].items()
+    }
+    (out / "pack.json").write_text(json.dumps(description))
+
+
+def imagenet_sized(largest: int, work: Path) -> dict:
+    """The packed start-up at ImageNet-1k's 1,281,167 files, on a pack tiled from the largest one measured."""
+    out = work / "pack-imagenet"
+    tiled_pack(work / f"pack{largest}", out, IMAGENET_FILES)
+    result = {"files": IMAGENET_FILES, "tiled_from": largest}
+    for processes in (1, 2):
+        on_pack = ["data=folder", f"data.root={out}"]
+        cache = work / f"cache-imagenet-{processes}"
+        result[f"packed_first_{processes}p"] = first_step(
+            on_pack, processes, cache, work / f"runs-imagenet-{processes}"
+        )
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--out", type=Path, default=Path("data_scale.json"))
+    parser.add_argument("--imagenet", action="store_true", help="also a packed start at 1,281,167 files (tiled)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rethink-data-scale-") as tmp:
         results = [measure(files, Path(tmp)) for files in args.sizes]
+        imagenet = imagenet_sized(max(args.sizes), Path(tmp)) if args.imagenet else None
     keys = [k for k in results[0] if k.endswith("p")]
     summary = {
         "machine": f"{os.cpu_count()} CPUs",
         "date": time.strftime("%Y-%m-%d"),
         "results": results,
+        "imagenet_sized_pack": imagenet,
         "growth_first_step": {k: growth(results, k) for k in keys},
         "growth_peak_mb": {k: growth(results, k, "peak_mb") for k in keys},
     }

@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -70,26 +71,32 @@ class Pack:
     heights: np.ndarray
     shard_files: list[str]  # relative to the folder, by shard number
 
+    @cached_property
+    def name_list(self) -> list[str]:
+        return [name.decode() for name in self.names.tolist()]
+
     def listing(self) -> Listing:
         return Listing(
             self.folder,
             self.classes,
-            [n.decode() for n in self.names],
+            self.name_list,
             self.labels.tolist(),
             [SPLITS[code] if code >= 0 else None for code in self.given_splits.tolist()],
         )
 
     def scan_result(self) -> ScanResult:
-        names = [n.decode() for n in self.names]
-        usable = np.flatnonzero(self.shards >= 0).tolist()
-        digests = {names[i]: self.digests[i].decode() for i in usable}
-        sizes = {names[i]: (int(self.widths[i]), int(self.heights[i])) for i in usable}
+        names, usable = self.name_list, np.flatnonzero(self.shards >= 0).tolist()
+        digests = dict(zip((names[i] for i in usable), self.digests[usable].astype(str).tolist()))
+        sizes = dict(zip((names[i] for i in usable), zip(self.widths[usable].tolist(), self.heights[usable].tolist())))
         return ScanResult(digests, dict(self.errors), sizes)
+
+    @cached_property
+    def _position(self) -> dict[bytes, int]:
+        return {name: i for i, name in enumerate(self.names.tolist())}
 
     def locations(self, names: list[str]) -> "ShardLocations":
         """Where the bytes of each of `names` lie, in that order."""
-        position = {n: i for i, n in enumerate(self.names.tolist())}
-        chosen = np.array([position[name.encode()] for name in names], dtype=np.int64)
+        chosen = np.array([self._position[name.encode()] for name in names], dtype=np.int64)
         return ShardLocations(
             self.folder, self.shard_files, self.shards[chosen], self.offsets[chosen], self.sizes[chosen]
         )

@@ -8,10 +8,8 @@ subset that limited evaluation (`trainer.limit_val_batches`) scores.
 
 import csv
 import hashlib
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -105,11 +103,15 @@ def assign_splits(
 
 def copies_across_splits(splits: Sequence[str], copies: Sequence[str | None]) -> int:
     """How many groups of identical items (equal keys in `copies`) lie in more than one split."""
-    found: dict[str, set[str]] = defaultdict(set)
-    for split, key in zip(splits, copies):
-        if key is not None:
-            found[key].add(split)
-    return sum(len(where) > 1 for where in found.values())
+    known = [(key, SPLITS.index(split)) for key, split in zip(copies, splits) if key is not None]
+    if not known:
+        return 0
+    keys, parts = np.array([key for key, _ in known]), np.array([part for _, part in known])
+    groups, group_of = np.unique(keys, return_inverse=True)
+    lowest, highest = np.full(len(groups), len(SPLITS)), np.full(len(groups), -1)
+    np.minimum.at(lowest, group_of, parts)
+    np.maximum.at(highest, group_of, parts)
+    return int((lowest != highest).sum())
 
 
 def stratified_subset(labels: Sequence[int], count: int, seed: int) -> list[int]:
@@ -130,8 +132,7 @@ def stratified_subset(labels: Sequence[int], count: int, seed: int) -> list[int]
     return sorted(np.concatenate(chosen).tolist())
 
 
-@dataclass(frozen=True)
-class ManifestRow:
+class ManifestRow(NamedTuple):  # a tuple: a million of them are made in a second or two
     split: str
     label: int
     class_name: str
@@ -142,19 +143,23 @@ def manifest_rows(
     splits: Sequence[str], labels: Sequence[int], classes: Sequence[str], paths: Sequence[str]
 ) -> list[ManifestRow]:
     """One row per item, sorted by split (train, val, test), then path."""
-    rows = (ManifestRow(split, int(label), classes[label], path) for split, label, path in zip(splits, labels, paths))
-    return sorted(rows, key=lambda row: (SPLITS.index(row.split), row.path))
+    if not paths:
+        return []
+    codes = {split: code for code, split in enumerate(SPLITS)}
+    order = np.lexsort((np.array(paths), np.array([codes[split] for split in splits]))).tolist()
+    labels = [int(label) for label in labels]
+    return list(
+        map(ManifestRow._make, ((splits[i], labels[i], classes[labels[i]], paths[i]) for i in order))
+    )  # _make: a million rows in well under a second
 
 
 def fingerprint(rows: Iterable[ManifestRow], contents: dict[str, str]) -> str:
     """What a data set is, as 16 hex digits: every image's split, label, class name, name and content hash
     (`contents`: name -> hash); the same for the same images however they are stored or where they lie."""
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(
-            f"{row.split}\t{row.label}\t{row.class_name}\t{row.path}\t{contents.get(row.path, '')}\n".encode()
-        )
-    return digest.hexdigest()[:16]
+    text = "".join(
+        f"{row.split}\t{row.label}\t{row.class_name}\t{row.path}\t{contents.get(row.path, '')}\n" for row in rows
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> None:
