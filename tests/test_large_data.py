@@ -393,6 +393,25 @@ def test_a_flat_split_folder_without_a_label_file_is_one_clear_error(tmp_path):
         folder.list_folder(tmp_path / "in")
 
 
+def test_a_pack_of_imagenets_layout_gives_data_imagenet_the_same_split(tmp_path):
+    from rethink.data import file_listing, packed
+
+    root = tmp_path / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC"
+    write_label_file("kaggle", tmp_path / "kaggle", imagenet_tree(root))
+
+    def cfg(where):
+        return OmegaConf.merge(
+            OmegaConf.structured(DataConfig),
+            {"name": "imagenet", "root": str(where), "cache_dir": str(tmp_path / "c"), "split": [0.6, 0.3, 0.1]},
+        )
+
+    packed.pack_listing(file_listing(cfg(root)), tmp_path / "pack", files_per_shard=7, workers=1)
+    model = OmegaConf.create({"train_size": 16, "eval_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+    on_folder, on_pack = build_data(cfg(root), model), build_data(cfg(tmp_path / "pack"), model)
+    assert on_pack.manifest == on_folder.manifest and on_pack.fingerprint == on_folder.fingerprint
+    assert {row.split for row in on_pack.manifest} == {"train", "val", "test"}
+
+
 @pytest.mark.slow
 def test_a_torchrun_run_on_a_folder_shares_its_scan_and_trains(tmp_path, unseeded):
     root, paths = jpeg_folder(tmp_path / "d", classes=3, per_class=30)
