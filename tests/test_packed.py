@@ -195,3 +195,21 @@ def test_a_run_on_a_pack_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, monkeyp
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert resumed["test_acc"] == whole["test_acc"]
+
+
+def test_task_pack_writes_the_pack_and_says_how_to_train_on_it(tmp_path, caplog):
+    from rethink.tasks.pack import pack
+
+    folder = photo_folder(tmp_path / "photos", per_class=3)
+    base = ["task=pack", "data=folder", f"data.root={folder}", "pack.workers=1"]
+    with pytest.raises(UserError, match="task=pack needs pack.out=FOLDER"):
+        pack(compose_config(base), tmp_path / "run0")
+    with pytest.raises(UserError, match="data=synthetic is held in memory"):
+        pack(compose_config(["task=pack", "data=synthetic", f"pack.out={tmp_path / 'x'}"]), tmp_path / "run1")
+    caplog.set_level("INFO", logger="rethink")
+    (tmp_path / "run").mkdir()
+    summary = pack(compose_config([*base, f"pack.out={tmp_path / 'pack'}"]), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "pack.json").read_text()) == summary
+    assert summary["packed"] == 10 and summary["unusable"] == 1 and summary["shards"] == 1
+    assert f"train on it with data.root={tmp_path / 'pack'}" in caplog.text
+    assert packed.is_pack(tmp_path / "pack")
