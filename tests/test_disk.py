@@ -277,6 +277,27 @@ def test_best_pt_holds_the_weights_alone_and_eval_reads_it(tmp_path, tiny, tiny_
     assert report["images"] > 0
 
 
+@pytest.mark.slow
+def test_a_run_killed_between_last_pt_and_best_pt_resumes_and_scores_its_best(tmp_path, tiny, monkeypatch):
+    from rethink.train.checkpoint import Progress
+
+    run = tmp_path / "run"
+    train(tiny("trainer.epochs=1"), run)
+    (run / "checkpoints" / "best.pt").unlink()  # a kill -9 after last.pt was written, before best.pt
+    add_epoch = Progress.add_epoch
+
+    def no_better(self, epoch, *args):  # the epochs after it score no better: epoch 1 stays the best
+        best = (self.best_val_acc, self.best_epoch)
+        record = add_epoch(self, epoch, *args)
+        self.best_val_acc, self.best_epoch = best
+        return record
+
+    monkeypatch.setattr(Progress, "add_epoch", no_better)
+    result = train(tiny("trainer.epochs=2", f"resume={run}"), tmp_path / "ignored")
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["epoch"] == 1 and "optimizer" not in best and result["best_epoch"] == 1
+
+
 # a sweep's footprint -----------------------------------------------------------------------------------------
 
 

@@ -74,6 +74,7 @@ def fit(
     try:
         data = load_data(session, resumed)
         run = prepare(session, data, resumed, layout)
+        keep_best_of(session, resumed)
         with open_report(session, run.progress.epoch if resumed else None) as report, session.listening():
             report.started(run, resumed is not None)
             FOLDERS.mark_training_started(run_dir)  # from here on, everything the run writes stays (rundir.py)
@@ -441,6 +442,20 @@ def save_epoch(session: Session, run: TrainingRun) -> None:
     session.save(state, "last.pt")
     if run.progress.best_epoch == run.progress.epoch:
         session.save(weights_state(state), "best.pt")
+
+
+def keep_best_of(session: Session, resumed: Optional[dict]) -> None:
+    """A run killed after writing last.pt at its best epoch, before best.pt, resumes without that epoch's best.pt:
+    last.pt holds the epoch's weights then, and best.pt is written from them (otherwise a resume that trains no
+    better epoch would have no best checkpoint to score)."""
+    if not resumed or resumed.get("partial") or resumed["best_epoch"] != resumed["epoch"]:
+        return
+    try:
+        if load_checkpoint(session.ckpt_dir / "best.pt")["epoch"] == resumed["epoch"]:
+            return
+    except UserError:  # missing, or cut short
+        pass
+    session.save(weights_state(resumed), "best.pt")
 
 
 def test_best(session: Session, run: TrainingRun) -> tuple[Evaluation, int]:
