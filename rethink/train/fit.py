@@ -448,8 +448,8 @@ def keep_best_of(session: Session, resumed: Optional[dict]) -> None:
     """A run killed after writing last.pt at its best epoch, before best.pt, resumes without that epoch's best.pt:
     last.pt holds the epoch's weights then, and best.pt is written from them (otherwise a resume that trains no
     better epoch would have no best checkpoint to score)."""
-    if not resumed or resumed.get("partial") or resumed["best_epoch"] != resumed["epoch"]:
-        return
+    if not (resumed and session.world.is_main) or resumed.get("partial") or resumed["best_epoch"] != resumed["epoch"]:
+        return  # rank 0 alone writes checkpoints: the others need not read best.pt
     try:
         if load_checkpoint(session.ckpt_dir / "best.pt")["epoch"] == resumed["epoch"]:
             return
